@@ -1,0 +1,150 @@
+"""Configuration of the Phi-3 + CLIP + Whisper multimodal model.
+
+One composed config: a Phi-3 `text_config`, a CLIP `vision_config` and an optional Whisper
+`audio_config` (no audio tower when it is absent), plus the few numbers that glue them together.
+Everything derived from those numbers (tokens per image, tokens per 30 s of audio) is a property,
+so it can never disagree with the towers.
+
+    >>> from configuration_phi3_projector import Phi3ProjectorConfig
+    >>> Phi3ProjectorConfig().image_seq_length  # CLIP-L/336: 24 x 24 patches, CLS dropped
+    576
+"""
+
+from __future__ import annotations
+
+import math
+
+from transformers import AutoConfig, PretrainedConfig
+from transformers.configuration_utils import SubConfigSpec
+
+# Phi-3.5-mini's tokenizer holds 32011 tokens but its embedding has 32064 rows: the two placeholders
+# take the first spare rows, so adding them needs no resize of the embedding or the head.
+DEFAULT_IMAGE_TOKEN_ID = 32011
+DEFAULT_AUDIO_TOKEN_ID = 32012
+
+AUTO_MAP = {
+    "AutoConfig": "configuration_phi3_projector.Phi3ProjectorConfig",
+    "AutoModel": "modeling_phi3_projector.Phi3ProjectorModel",
+    "AutoModelForCausalLM": "modeling_phi3_projector.Phi3ProjectorForConditionalGeneration",
+    "AutoModelForImageTextToText": "modeling_phi3_projector.Phi3ProjectorForConditionalGeneration",
+    "AutoProcessor": "processing_multimodal.MultimodalProcessor",
+}
+
+
+class Phi3ProjectorConfig(PretrainedConfig):
+    r"""
+    Args:
+        text_config: Phi-3 config of the language model (dict or config).
+        vision_config: CLIP vision config (dict or config); defaults to CLIP-L/336.
+        audio_config: Whisper config whose encoder is the audio tower; `None` means no audio.
+        image_token_id: id of the `<image>` placeholder that the processor expands.
+        audio_token_id: id of the `<audio>` placeholder that the processor expands.
+        vision_feature_layer: hidden layer of the vision tower whose patch features are used
+            (-2, the penultimate layer, as LLaVA-1.5).
+        vision_feature_select_strategy: `"default"` drops the CLS token, `"full"` keeps it.
+        projector_hidden_act: activation between the two linears of both projectors.
+        multimodal_projector_bias: whether the projector linears have biases (LLaVA's layout).
+        image_token_pooling: average-pool the patch grid by this factor per side before the
+            projector (1: 576 tokens at 336 px, 2: 144).
+        audio_stack_factor: Whisper encoder frames (50 per second) stacked into one audio token,
+            so audio costs 50 / k tokens per second.
+    """
+
+    model_type = "phi3_projector"
+    sub_configs_defaults = {
+        "text_config": SubConfigSpec(config_class=AutoConfig, model_type="phi3"),
+        "vision_config": SubConfigSpec(
+            config_class=AutoConfig,
+            model_type="clip_vision_model",
+            init_kwargs={
+                "hidden_size": 1024,
+                "intermediate_size": 4096,
+                "num_hidden_layers": 24,
+                "num_attention_heads": 16,
+                "image_size": 336,
+                "patch_size": 14,
+                "projection_dim": 768,
+            },
+        ),
+        "audio_config": SubConfigSpec(config_class=AutoConfig, model_type="whisper", optional=True),
+    }
+
+    text_config: dict | PretrainedConfig | None = None
+    vision_config: dict | PretrainedConfig | None = None
+    audio_config: dict | PretrainedConfig | None = None
+    image_token_id: int = DEFAULT_IMAGE_TOKEN_ID
+    audio_token_id: int = DEFAULT_AUDIO_TOKEN_ID
+    vision_feature_layer: int = -2
+    vision_feature_select_strategy: str = "default"
+    projector_hidden_act: str = "gelu"
+    multimodal_projector_bias: bool = True
+    image_token_pooling: int = 1
+    audio_stack_factor: int = 5
+    tie_word_embeddings: bool = False
+
+    def __post_init__(self, **kwargs):
+        super().__post_init__(**kwargs)
+        self._check_values()
+        if getattr(self, "auto_map", None) is None:
+            # One class serves several Auto classes, and save_pretrained records only one of them.
+            self.auto_map = dict(AUTO_MAP)
+
+    def _check_values(self) -> None:
+        # Plain checks with ValueError (not only type hints): a bad value must fail here, with the
+        # field's name, rather than as a shape error deep inside the first forward pass.
+        if self.vision_feature_select_strategy not in ("default", "full"):
+            raise ValueError(
+                "vision_feature_select_strategy must be 'default' (drop CLS) or 'full' (keep CLS), "
+                f"got {self.vision_feature_select_strategy!r}"
+            )
+        n_layers = self.vision_config.num_hidden_layers
+        if not isinstance(self.vision_feature_layer, int) or not -(n_layers + 1) <= self.vision_feature_layer <= n_layers:
+            raise ValueError(
+                f"vision_feature_layer must be an int in [-{n_layers + 1}, {n_layers}] (the vision tower has "
+                f"{n_layers} layers), got {self.vision_feature_layer!r}"
+            )
+        from transformers.activations import ACT2FN
+
+        if self.projector_hidden_act not in ACT2FN:
+            raise ValueError(f"projector_hidden_act {self.projector_hidden_act!r} is not a known activation")
+        pooling = self.image_token_pooling
+        if not isinstance(pooling, int) or pooling < 1:
+            raise ValueError(f"image_token_pooling must be a positive int, got {pooling!r}")
+        if pooling > 1 and self.vision_feature_select_strategy != "default":
+            raise ValueError("image_token_pooling > 1 pools the patch grid, so it needs vision_feature_select_strategy='default'")
+        if self.patches_per_side % pooling:
+            raise ValueError(
+                f"image_token_pooling={pooling} must divide the patch grid side ({self.patches_per_side} = "
+                f"image_size {self.vision_config.image_size} / patch_size {self.vision_config.patch_size})"
+            )
+        if not isinstance(self.audio_stack_factor, int) or self.audio_stack_factor < 1:
+            raise ValueError(f"audio_stack_factor must be a positive int, got {self.audio_stack_factor!r}")
+        vocab = self.text_config.vocab_size
+        for name in ("image_token_id", "audio_token_id"):
+            token_id = getattr(self, name)
+            if not isinstance(token_id, int) or not 0 <= token_id < vocab:
+                raise ValueError(f"{name} must be an id inside the vocabulary [0, {vocab}), got {token_id!r}")
+        if self.image_token_id == self.audio_token_id:
+            raise ValueError("image_token_id and audio_token_id must differ")
+
+    @property
+    def patches_per_side(self) -> int:
+        return self.vision_config.image_size // self.vision_config.patch_size
+
+    @property
+    def image_seq_length(self) -> int:
+        """Tokens one image takes in the language model's input."""
+        side = self.patches_per_side // self.image_token_pooling
+        return side * side + (1 if self.vision_feature_select_strategy == "full" else 0)
+
+    @property
+    def audio_tokens_per_window(self) -> int:
+        """Tokens a full 30 s window of audio takes (the encoder gives 50 frames per second)."""
+        if self.audio_config is None:
+            return 0
+        return math.ceil(self.audio_config.max_source_positions / self.audio_stack_factor)
+
+
+__all__ = ["Phi3ProjectorConfig", "DEFAULT_IMAGE_TOKEN_ID", "DEFAULT_AUDIO_TOKEN_ID"]
+
+Phi3ProjectorConfig.register_for_auto_class()

@@ -1,0 +1,377 @@
+"""Phi-3 language model that sees images (CLIP + projector) and hears audio (Whisper encoder + projector).
+
+LLaVA-1.5's recipe with an audio branch: the processor expands every `<image>` placeholder to
+`config.image_seq_length` copies and every `<audio>` placeholder to one copy per audio token; the
+model encodes the media, projects them to the language model's width and writes them over those
+positions with one `masked_scatter` per modality. The module layout (`model.vision_tower`,
+`model.multi_modal_projector`, `model.language_model`, `lm_head`) is transformers' own
+`LlavaForConditionalGeneration`'s, so the vision-and-text part exports to it key for key.
+
+    >>> from transformers import AutoModelForCausalLM, AutoProcessor
+    >>> model = AutoModelForCausalLM.from_pretrained("outputs/demo/model", trust_remote_code=True)
+    >>> processor = AutoProcessor.from_pretrained("outputs/demo/model", trust_remote_code=True)
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from transformers import AutoModel, GenerationMixin, PreTrainedModel
+from transformers.activations import ACT2FN
+from transformers.cache_utils import Cache
+from transformers.modeling_outputs import ModelOutput
+from transformers.models.whisper.modeling_whisper import WhisperEncoder
+
+try:  # loaded as Hub remote code (a package)
+    from .configuration_phi3_projector import Phi3ProjectorConfig
+except ImportError:  # imported from the repository root
+    from configuration_phi3_projector import Phi3ProjectorConfig
+
+
+@dataclass
+class Phi3ProjectorModelOutput(ModelOutput):
+    """Output of `Phi3ProjectorModel`: the language model's output plus the projected media features."""
+
+    last_hidden_state: torch.FloatTensor | None = None
+    past_key_values: Cache | None = None
+    hidden_states: tuple[torch.FloatTensor, ...] | None = None
+    attentions: tuple[torch.FloatTensor, ...] | None = None
+    image_hidden_states: torch.FloatTensor | None = None
+    audio_hidden_states: torch.FloatTensor | None = None
+
+
+@dataclass
+class Phi3ProjectorCausalLMOutput(ModelOutput):
+    """Output of `Phi3ProjectorForConditionalGeneration`; `loss` is set when `labels` are given."""
+
+    loss: torch.FloatTensor | None = None
+    logits: torch.FloatTensor | None = None
+    past_key_values: Cache | None = None
+    hidden_states: tuple[torch.FloatTensor, ...] | None = None
+    attentions: tuple[torch.FloatTensor, ...] | None = None
+    image_hidden_states: torch.FloatTensor | None = None
+    audio_hidden_states: torch.FloatTensor | None = None
+
+
+class Phi3ProjectorMultiModalProjector(nn.Module):
+    """`mlp2x_gelu`: vision width -> text width -> text width (LLaVA-1.5; same names as LLaVA's)."""
+
+    def __init__(self, config: Phi3ProjectorConfig):
+        super().__init__()
+        text_width = config.text_config.hidden_size
+        bias = config.multimodal_projector_bias
+        self.linear_1 = nn.Linear(config.vision_config.hidden_size, text_width, bias=bias)
+        self.act = ACT2FN[config.projector_hidden_act]
+        self.linear_2 = nn.Linear(text_width, text_width, bias=bias)
+
+    def forward(self, image_features: torch.Tensor) -> torch.Tensor:
+        return self.linear_2(self.act(self.linear_1(image_features)))
+
+
+class Phi3ProjectorAudioProjector(nn.Module):
+    """Stacks `audio_stack_factor` encoder frames into one vector, then an MLP to the text width.
+
+    Stacking (not averaging) keeps the fine timing inside each group of frames, which pooling
+    would blur, at no extra cost in language-model tokens.
+    """
+
+    def __init__(self, config: Phi3ProjectorConfig):
+        super().__init__()
+        text_width = config.text_config.hidden_size
+        self.stack_factor = config.audio_stack_factor
+        self.linear_1 = nn.Linear(config.audio_config.d_model * self.stack_factor, text_width)
+        self.act = ACT2FN[config.projector_hidden_act]
+        self.linear_2 = nn.Linear(text_width, text_width)
+
+    def forward(self, frames: torch.Tensor) -> torch.Tensor:
+        """(windows, frames, d_model) -> (windows, ceil(frames / k), text width)."""
+        windows, n_frames, width = frames.shape
+        pad = -n_frames % self.stack_factor
+        if pad:
+            frames = nn.functional.pad(frames, (0, 0, 0, pad))
+        stacked = frames.reshape(windows, -1, width * self.stack_factor)
+        return self.linear_2(self.act(self.linear_1(stacked)))
+
+
+class Phi3ProjectorPreTrainedModel(PreTrainedModel):
+    config_class = Phi3ProjectorConfig
+    config: Phi3ProjectorConfig
+    base_model_prefix = "model"
+    main_input_name = "input_ids"
+    input_modalities = ("image", "audio", "text")
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["Phi3DecoderLayer", "CLIPEncoderLayer", "WhisperEncoderLayer"]
+    _skip_keys_device_placement = ["past_key_values"]
+    _supports_sdpa = True
+    _supports_flash_attn = True
+    _supports_flex_attn = True
+    _supports_attention_backend = True
+
+    @torch.no_grad()
+    def _init_weights(self, module: nn.Module) -> None:
+        # Only the projectors are ours: the towers and the language model initialise themselves.
+        if isinstance(module, (Phi3ProjectorMultiModalProjector, Phi3ProjectorAudioProjector)):
+            std = self.config.text_config.initializer_range
+            for linear in (module.linear_1, module.linear_2):
+                linear.weight.normal_(mean=0.0, std=std)
+                if linear.bias is not None:
+                    linear.bias.zero_()
+
+
+class Phi3ProjectorModel(Phi3ProjectorPreTrainedModel):
+    """Towers, projectors and the Phi-3 body, without the language-model head."""
+
+    def __init__(self, config: Phi3ProjectorConfig):
+        super().__init__(config)
+        self.vision_tower = AutoModel.from_config(config.vision_config)
+        self.multi_modal_projector = Phi3ProjectorMultiModalProjector(config)
+        if config.audio_config is not None:
+            self.audio_tower = WhisperEncoder(config.audio_config)
+            self.audio_projector = Phi3ProjectorAudioProjector(config)
+        else:
+            self.audio_tower = None
+            self.audio_projector = None
+        self.language_model = AutoModel.from_config(config.text_config)
+        self.post_init()
+
+    def get_input_embeddings(self) -> nn.Module:
+        return self.language_model.get_input_embeddings()
+
+    def set_input_embeddings(self, value: nn.Module) -> None:
+        self.language_model.set_input_embeddings(value)
+
+    def select_vision_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """The vision tower's features as the projector takes them (what a feature cache stores).
+
+        (images, 3, H, W) -> (images, patches [+1 CLS with strategy "full"], vision width)
+        """
+        pixel_values = pixel_values.to(dtype=self.vision_tower.dtype)
+        outputs = self.vision_tower(pixel_values, output_hidden_states=True, return_dict=True)
+        features = outputs.hidden_states[self.config.vision_feature_layer]
+        if self.config.vision_feature_select_strategy == "default":
+            features = features[:, 1:]
+        return features
+
+    def get_image_features(
+        self, pixel_values: torch.Tensor | None = None, vision_features: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Projected image tokens, from pixels or from precomputed `select_vision_features` output.
+
+        Returns (images, config.image_seq_length, text width).
+        """
+        if vision_features is None:
+            vision_features = self.select_vision_features(pixel_values)
+        expected = self.config.image_seq_length * self.config.image_token_pooling**2
+        if vision_features.ndim != 3 or vision_features.shape[1] != expected:
+            raise ValueError(
+                f"vision features must have shape (images, {expected}, {self.config.vision_config.hidden_size}), "
+                f"got {tuple(vision_features.shape)}"
+            )
+        pooling = self.config.image_token_pooling
+        if pooling > 1:  # average each pooling x pooling block of the patch grid
+            images, patches, width = vision_features.shape
+            side = self.config.patches_per_side
+            grid = vision_features.transpose(1, 2).reshape(images, width, side, side)
+            grid = nn.functional.avg_pool2d(grid, pooling)
+            vision_features = grid.flatten(2).transpose(1, 2)
+        projector_dtype = self.multi_modal_projector.linear_1.weight.dtype
+        return self.multi_modal_projector(vision_features.to(projector_dtype))
+
+    def get_audio_features(self, input_features: torch.Tensor, input_features_mask: torch.Tensor) -> torch.Tensor:
+        """Projected audio tokens of every 30 s window, trimmed to the real audio, concatenated.
+
+        input_features: (windows, mel bins, 3000) log-mel windows, zero-padded to 30 s as Whisper expects.
+        input_features_mask: (windows, 3000), 1 on the real mel frames of each window.
+        Returns (total audio tokens, text width), in window order.
+        """
+        if self.audio_tower is None:
+            raise ValueError("this model has no audio tower (config.audio_config is None), so it cannot take audio")
+        input_features = input_features.to(dtype=self.audio_tower.dtype)
+        frames = self.audio_tower(input_features, return_dict=True).last_hidden_state
+        tokens = self.audio_projector(frames)
+        n_tokens = self.audio_token_counts(input_features_mask.sum(-1))
+        return torch.cat([window[:n] for window, n in zip(tokens, n_tokens.tolist())])
+
+    def audio_token_counts(self, mel_lengths: torch.Tensor) -> torch.Tensor:
+        """Audio tokens per window for windows of `mel_lengths` real mel frames (the encoder halves them)."""
+        max_frames = self.config.audio_config.max_source_positions
+        encoder_frames = ((mel_lengths + 1) // 2).clamp(1, max_frames)
+        return (encoder_frames + self.config.audio_stack_factor - 1) // self.config.audio_stack_factor
+
+    def _scatter(self, input_ids, inputs_embeds, features, token_id, modality):
+        mask = input_ids == token_id
+        n_tokens, n_features = int(mask.sum()), features.shape[0]
+        if n_tokens != n_features:
+            raise ValueError(
+                f"{modality} tokens and {modality} features do not match: the input has {n_tokens} <{modality}> "
+                f"tokens but the {modality} inputs give {n_features} features. Build inputs with the processor, "
+                f"which expands each <{modality}> placeholder to the right number of tokens."
+            )
+        mask = mask.unsqueeze(-1).expand_as(inputs_embeds)
+        return inputs_embeds.masked_scatter(mask, features.to(inputs_embeds.device, inputs_embeds.dtype))
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        pixel_values: torch.FloatTensor | None = None,
+        vision_features: torch.FloatTensor | None = None,
+        input_features: torch.FloatTensor | None = None,
+        input_features_mask: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values: Cache | None = None,
+        inputs_embeds: torch.FloatTensor | None = None,
+        **kwargs,
+    ) -> Phi3ProjectorModelOutput:
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("pass exactly one of input_ids or inputs_embeds")
+        has_images = pixel_values is not None or vision_features is not None
+        has_audio = input_features is not None
+        if (has_images or has_audio) and input_ids is None:
+            raise ValueError("images and audio need input_ids: their placeholder tokens mark where they go")
+        if pixel_values is not None and vision_features is not None:
+            raise ValueError("pass pixel_values or vision_features, not both")
+
+        if inputs_embeds is None:
+            inputs_embeds = self.get_input_embeddings()(input_ids)
+        image_features = audio_features = None
+        if has_images:
+            image_features = self.get_image_features(pixel_values, vision_features).flatten(0, 1)
+            inputs_embeds = self._scatter(input_ids, inputs_embeds, image_features, self.config.image_token_id, "image")
+        if has_audio:
+            if input_features_mask is None:
+                raise ValueError("input_features_mask is needed with input_features: it says how much of each window is real audio")
+            audio_features = self.get_audio_features(input_features, input_features_mask)
+            inputs_embeds = self._scatter(input_ids, inputs_embeds, audio_features, self.config.audio_token_id, "audio")
+
+        outputs = self.language_model(
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_key_values=past_key_values,
+            inputs_embeds=inputs_embeds,
+            **kwargs,
+        )
+        return Phi3ProjectorModelOutput(
+            last_hidden_state=outputs.last_hidden_state,
+            past_key_values=outputs.past_key_values,
+            hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions,
+            image_hidden_states=image_features,
+            audio_hidden_states=audio_features,
+        )
+
+
+class Phi3ProjectorForConditionalGeneration(Phi3ProjectorPreTrainedModel, GenerationMixin):
+    """The full model: `Phi3ProjectorModel` plus the language-model head and the loss."""
+
+    _tied_weights_keys = {"lm_head.weight": "model.language_model.embed_tokens.weight"}
+
+    def __init__(self, config: Phi3ProjectorConfig):
+        super().__init__(config)
+        self.model = Phi3ProjectorModel(config)
+        self.lm_head = nn.Linear(config.text_config.hidden_size, config.text_config.vocab_size, bias=False)
+        self.post_init()
+
+    def get_input_embeddings(self) -> nn.Module:
+        return self.model.get_input_embeddings()
+
+    def set_input_embeddings(self, value: nn.Module) -> None:
+        self.model.set_input_embeddings(value)
+
+    def get_output_embeddings(self) -> nn.Module:
+        return self.lm_head
+
+    def set_output_embeddings(self, value: nn.Module) -> None:
+        self.lm_head = value
+
+    def get_image_features(self, pixel_values=None, vision_features=None) -> torch.Tensor:
+        return self.model.get_image_features(pixel_values, vision_features)
+
+    def get_audio_features(self, input_features, input_features_mask) -> torch.Tensor:
+        return self.model.get_audio_features(input_features, input_features_mask)
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        pixel_values: torch.FloatTensor | None = None,
+        vision_features: torch.FloatTensor | None = None,
+        input_features: torch.FloatTensor | None = None,
+        input_features_mask: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values: Cache | None = None,
+        inputs_embeds: torch.FloatTensor | None = None,
+        labels: torch.LongTensor | None = None,
+        logits_to_keep: int | torch.Tensor = 0,
+        **kwargs,
+    ) -> Phi3ProjectorCausalLMOutput:
+        r"""
+        Shapes: input_ids (batch, seq); pixel_values (images, 3, H, W) in the order the `<image>`
+        blocks appear, row by row; vision_features (images, patches, vision width) instead of
+        pixel_values; input_features (windows, mel bins, 3000) and input_features_mask
+        (windows, 3000) for the audio; labels (batch, seq) with -100 where no loss is taken
+        (shifted here, once).
+
+        Example:
+
+        ```python
+        >>> inputs = processor(text="<|user|>\n<image>\nWhat color is the shape?<|end|>\n<|assistant|>\n",
+        ...                    images=image, return_tensors="pt")
+        >>> processor.decode(model.generate(**inputs, max_new_tokens=8)[0, inputs["input_ids"].shape[1]:])
+        ```
+        """
+        outputs = self.model(
+            input_ids=input_ids,
+            pixel_values=pixel_values,
+            vision_features=vision_features,
+            input_features=input_features,
+            input_features_mask=input_features_mask,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_key_values=past_key_values,
+            inputs_embeds=inputs_embeds,
+            **kwargs,
+        )
+        hidden_states = outputs.last_hidden_state
+        if isinstance(logits_to_keep, int):
+            hidden_states = hidden_states[:, -logits_to_keep:] if logits_to_keep > 0 else hidden_states
+        else:
+            hidden_states = hidden_states[:, logits_to_keep]
+        logits = self.lm_head(hidden_states)
+
+        loss = None
+        if labels is not None:
+            loss = self.loss_function(
+                logits=logits, labels=labels, vocab_size=self.config.text_config.vocab_size, **kwargs
+            )
+        return Phi3ProjectorCausalLMOutput(
+            loss=loss,
+            logits=logits,
+            past_key_values=outputs.past_key_values,
+            hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions,
+            image_hidden_states=outputs.image_hidden_states,
+            audio_hidden_states=outputs.audio_hidden_states,
+        )
+
+    def prepare_inputs_for_generation(self, *args, is_first_iteration: bool = False, **kwargs):
+        # GenerationMixin already keeps pixel_values and input_features to the prefill; cached
+        # vision features must follow them, since later steps carry no <image> tokens.
+        model_inputs = super().prepare_inputs_for_generation(*args, is_first_iteration=is_first_iteration, **kwargs)
+        if not is_first_iteration and kwargs.get("use_cache", True):
+            model_inputs.pop("vision_features", None)
+        return model_inputs
+
+
+__all__ = [
+    "Phi3ProjectorAudioProjector",
+    "Phi3ProjectorForConditionalGeneration",
+    "Phi3ProjectorModel",
+    "Phi3ProjectorMultiModalProjector",
+    "Phi3ProjectorPreTrainedModel",
+]
+
+Phi3ProjectorForConditionalGeneration.register_for_auto_class("AutoModelForCausalLM")

@@ -1,0 +1,256 @@
+"""Assemble the multimodal model from pretrained components, and build tiny offline components.
+
+    python scripts/make_tiny_checkpoint.py outputs/tiny      # a tiny random checkpoint, no network
+
+`build_model_and_processor` is the one road to a model, for real and tiny components alike: it
+loads a Phi-3 causal LM, a CLIP vision tower and (optionally) a Whisper encoder by hub id or local
+folder, adds the `<image>` / `<audio>` tokens, and initialises the projectors. The tiny builders
+below only write small random components to folders, which then take that same road.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+from transformers import (
+    AutoImageProcessor,
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    CLIPConfig,
+    CLIPImageProcessorPil,
+    CLIPModel,
+    CLIPVisionModel,
+    Phi3Config,
+    Phi3ForCausalLM,
+    PreTrainedTokenizerFast,
+    WhisperConfig,
+    WhisperFeatureExtractor,
+    WhisperForConditionalGeneration,
+    WhisperModel,
+)
+
+from configuration_phi3_projector import Phi3ProjectorConfig
+from modeling_phi3_projector import (
+    Phi3ProjectorAudioProjector,
+    Phi3ProjectorForConditionalGeneration,
+    Phi3ProjectorMultiModalProjector,
+)
+from processing_multimodal import CHAT_TEMPLATE, MultimodalProcessor
+
+IMAGE_TOKEN, AUDIO_TOKEN = "<image>", "<audio>"
+
+# Phi-3.5-mini's added tokens, in its order (ids 32000..32010 there).
+PHI3_SPECIAL_TOKENS = [
+    "<|endoftext|>", "<|assistant|>", "<|placeholder1|>", "<|placeholder2|>", "<|placeholder3|>",
+    "<|placeholder4|>", "<|system|>", "<|end|>", "<|placeholder5|>", "<|placeholder6|>", "<|user|>",
+]  # fmt: skip
+
+
+def build_model_and_processor(
+    text_model: str | os.PathLike,
+    vision_model: str | os.PathLike,
+    audio_model: str | os.PathLike | None = None,
+    dtype: torch.dtype = torch.float32,
+    seed: int = 0,
+    **config_options,
+) -> tuple[Phi3ProjectorForConditionalGeneration, MultimodalProcessor]:
+    """Load the three components (hub ids or folders), join them, and return model and processor.
+
+    `config_options` go to `Phi3ProjectorConfig` (vision_feature_layer, image_token_pooling, ...).
+    """
+    tokenizer = AutoTokenizer.from_pretrained(text_model)
+    language_model = AutoModelForCausalLM.from_pretrained(text_model, dtype=dtype)
+    vision_tower = CLIPVisionModel.from_pretrained(vision_model, dtype=dtype)
+    image_processor = AutoImageProcessor.from_pretrained(vision_model)
+    audio_tower = feature_extractor = None
+    if audio_model is not None:
+        audio_tower = WhisperModel.from_pretrained(audio_model, dtype=dtype).get_encoder()
+        feature_extractor = WhisperFeatureExtractor.from_pretrained(audio_model)
+
+    # The placeholders reuse spare embedding rows where the vocabulary has them (Phi-3.5: 32011
+    # tokens, 32064 rows); otherwise the embedding grows to the next multiple of 64.
+    tokenizer.add_tokens([IMAGE_TOKEN, AUDIO_TOKEN], special_tokens=True)
+    if len(tokenizer) > language_model.get_input_embeddings().num_embeddings:
+        language_model.resize_token_embeddings(len(tokenizer), pad_to_multiple_of=64)
+    tokenizer.padding_side = "left"  # batched generation appends on the right
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = "<|endoftext|>" if "<|endoftext|>" in tokenizer.get_vocab() else tokenizer.eos_token
+    tokenizer.model_max_length = language_model.config.max_position_embeddings
+
+    config = Phi3ProjectorConfig(
+        text_config=language_model.config,
+        vision_config=vision_tower.config,
+        audio_config=audio_tower.config if audio_tower is not None else None,
+        image_token_id=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN),
+        audio_token_id=tokenizer.convert_tokens_to_ids(AUDIO_TOKEN),
+        **config_options,
+    )
+    # Build the shell on the meta device (no memory, no random init of billions of weights), then
+    # put the loaded components in and create the projectors for real.
+    with torch.device("meta"):
+        model = Phi3ProjectorForConditionalGeneration(config)
+    model.model.language_model = language_model.model
+    model.lm_head = language_model.lm_head
+    model.model.vision_tower = vision_tower
+    torch.manual_seed(seed)
+    model.model.multi_modal_projector = Phi3ProjectorMultiModalProjector(config)
+    model._init_weights(model.model.multi_modal_projector)
+    if audio_tower is not None:
+        model.model.audio_tower = audio_tower
+        model.model.audio_projector = Phi3ProjectorAudioProjector(config)
+        model._init_weights(model.model.audio_projector)
+    model.to(dtype)
+
+    end_id = tokenizer.convert_tokens_to_ids("<|end|>")
+    model.generation_config = language_model.generation_config
+    model.generation_config.eos_token_id = sorted({end_id, tokenizer.eos_token_id})
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+
+    processor = MultimodalProcessor(
+        image_processor=image_processor,
+        feature_extractor=feature_extractor if feature_extractor is not None else WhisperFeatureExtractor(),
+        tokenizer=tokenizer,
+        image_seq_length=config.image_seq_length,
+        audio_stack_factor=config.audio_stack_factor,
+        audio_max_frames=audio_tower.config.max_source_positions if audio_tower is not None else 1500,
+    )
+    return model, processor
+
+
+def save_checkpoint(model, processor, out_dir: str | os.PathLike) -> Path:
+    """Write weights (safetensors), the three model files, the processor and the auto_map."""
+    out_dir = Path(out_dir)
+    model.save_pretrained(out_dir)
+    processor.save_pretrained(out_dir)
+    return out_dir
+
+
+# ---------------------------------------------------------------------------------------------
+# Tiny offline components (random weights) for tests, the demo and benchmarks.
+# ---------------------------------------------------------------------------------------------
+
+TOKENIZER_CORPUS = """
+What color is the shape? What shape is this? Is the shape on the left or the right?
+Is the tone high or low? How many beeps are there? Describe the image. Transcribe the audio.
+red green blue yellow circle square triangle left right high low one two three four five
+The image shows a small red circle on the left side of a white background.
+The quick brown fox jumps over the lazy dog. Hello, how are you today? I am fine, thank you.
+You are a helpful assistant that answers questions about images and sounds in one word.
+0 1 2 3 4 5 6 7 8 9 10 100 yes no maybe a an the of to in on at is are was were be it this that
+"""
+
+
+def build_tiny_tokenizer(vocab_size: int = 512) -> PreTrainedTokenizerFast:
+    """A byte-level BPE tokenizer with Phi-3.5's special tokens and chat format, trained locally."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    backend = Tokenizer(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=["<unk>", "<s>", "</s>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    backend.train_from_iterator(TOKENIZER_CORPUS.split("\n") * 4, trainer=trainer)
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        unk_token="<unk>",
+        bos_token="<s>",
+        eos_token="<|endoftext|>",
+        pad_token="<|endoftext|>",
+        padding_side="left",
+        chat_template=CHAT_TEMPLATE,
+        extra_special_tokens=None,
+    )
+    tokenizer.add_tokens(PHI3_SPECIAL_TOKENS, special_tokens=True)
+    return tokenizer
+
+
+def make_tiny_components(
+    out_dir: str | os.PathLike,
+    hidden_size: int = 64,
+    num_layers: int = 2,
+    image_size: int = 56,
+    patch_size: int = 14,
+    with_audio: bool = True,
+    spare_embedding_rows: bool = True,
+    seed: int = 0,
+) -> dict[str, Path]:
+    """Write a tiny Phi-3 LM + tokenizer, a tiny CLIP and a tiny Whisper to `out_dir/{text,vision,audio}`.
+
+    They are saved as the Hub's checkpoints are (a full CLIPModel, a Whisper seq2seq model), so
+    loading them exercises the real path. `spare_embedding_rows=False` makes the embedding exactly
+    as large as the tokenizer, so adding the placeholders has to resize it.
+    """
+    out_dir = Path(out_dir)
+    torch.manual_seed(seed)
+    tokenizer = build_tiny_tokenizer()
+    n_tokens = len(tokenizer)
+    vocab_size = (n_tokens + 2 + 63) // 64 * 64 if spare_embedding_rows else n_tokens
+    text_config = Phi3Config(
+        vocab_size=vocab_size,
+        hidden_size=hidden_size,
+        intermediate_size=hidden_size * 2,
+        num_hidden_layers=num_layers,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        max_position_embeddings=4096,
+        original_max_position_embeddings=4096,
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.convert_tokens_to_ids("<|end|>"),
+        tie_word_embeddings=False,
+    )
+    paths = {"text": out_dir / "text", "vision": out_dir / "vision"}
+    Phi3ForCausalLM(text_config).save_pretrained(paths["text"])
+    tokenizer.save_pretrained(paths["text"])
+
+    width = hidden_size // 2
+    clip_config = CLIPConfig(
+        text_config=dict(hidden_size=width, intermediate_size=width * 2, num_hidden_layers=1, num_attention_heads=2, vocab_size=99, bos_token_id=0, eos_token_id=1, pad_token_id=1),
+        vision_config=dict(
+            hidden_size=width,
+            intermediate_size=width * 2,
+            num_hidden_layers=num_layers,
+            num_attention_heads=2,
+            image_size=image_size,
+            patch_size=patch_size,
+        ),
+        projection_dim=width,
+    )
+    CLIPModel(clip_config).save_pretrained(paths["vision"])
+    CLIPImageProcessorPil(
+        size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size}
+    ).save_pretrained(paths["vision"])
+
+    if with_audio:
+        paths["audio"] = out_dir / "audio"
+        whisper_config = WhisperConfig(
+            d_model=width,
+            encoder_layers=num_layers,
+            decoder_layers=1,
+            encoder_attention_heads=2,
+            decoder_attention_heads=2,
+            encoder_ffn_dim=width * 2,
+            decoder_ffn_dim=width * 2,
+            num_mel_bins=80,
+            max_source_positions=1500,
+            max_target_positions=64,
+        )
+        WhisperForConditionalGeneration(whisper_config).save_pretrained(paths["audio"])
+        WhisperFeatureExtractor(feature_size=80).save_pretrained(paths["audio"])
+    return paths
+
+
+def build_tiny_model(work_dir: str | os.PathLike, with_audio: bool = True, **options):
+    """Tiny components in `work_dir`, then the same `build_model_and_processor` a real run uses."""
+    component_options = {k: options.pop(k) for k in list(options) if k in make_tiny_components.__code__.co_varnames}
+    paths = make_tiny_components(work_dir, with_audio=with_audio, **component_options)
+    return build_model_and_processor(paths["text"], paths["vision"], paths.get("audio"), **options)
+
+
+__all__ = ["build_model_and_processor", "build_tiny_model", "build_tiny_tokenizer", "make_tiny_components", "save_checkpoint"]

@@ -1,0 +1,305 @@
+"""Processor: Phi-3.5 tokenizer + CLIP image processor + Whisper feature extractor in one object.
+
+It turns a prompt with `<image>` and `<audio>` placeholders plus the media into model inputs,
+expanding each placeholder to exactly as many tokens as the model will write features over, and
+says clearly (ValueError, naming the item) when an input cannot be used.
+
+    >>> from transformers import AutoProcessor
+    >>> processor = AutoProcessor.from_pretrained("outputs/demo/model", trust_remote_code=True)
+    >>> messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What shape is this?"}]}]
+    >>> prompt = processor.apply_chat_template(messages, add_generation_prompt=True)
+    >>> inputs = processor(text=prompt, images=["shape.png"], return_tensors="pt")
+
+Only numpy and Pillow are needed beyond transformers; decoding audio files uses soundfile when it
+is installed (arrays and Gradio's `(sampling_rate, array)` pairs need nothing more).
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import os
+import re
+from collections.abc import Sequence
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+from transformers import BatchFeature, ProcessorMixin
+
+try:
+    import soundfile
+except ImportError:  # audio files can't be decoded, arrays still work
+    soundfile = None
+
+SAMPLING_RATE = 16_000
+WINDOW_SAMPLES = 30 * SAMPLING_RATE  # Whisper sees 30 s at a time
+HOP_LENGTH = 160  # samples per mel frame at 16 kHz
+WINDOW_MEL_FRAMES = WINDOW_SAMPLES // HOP_LENGTH
+
+# Phi-3.5's chat format, with content given as a string or as a list of image / audio / text parts;
+# the parts of one message are joined by newlines, in the order given.
+CHAT_TEMPLATE = (
+    "{%- for message in messages -%}"
+    "{%- if message['role'] in ['system', 'user', 'assistant'] -%}"
+    "{%- if message['content'] is string -%}{%- set body = message['content'] -%}"
+    "{%- else -%}{%- set parts = namespace(items=[]) -%}"
+    "{%- for part in message['content'] -%}"
+    "{%- if part['type'] == 'image' -%}{%- set parts.items = parts.items + ['<image>'] -%}"
+    "{%- elif part['type'] == 'audio' -%}{%- set parts.items = parts.items + ['<audio>'] -%}"
+    "{%- elif part['type'] == 'text' -%}{%- set parts.items = parts.items + [part['text']] -%}"
+    "{%- endif -%}{%- endfor -%}{%- set body = parts.items | join('\n') -%}"
+    "{%- endif -%}"
+    "{%- if message['role'] != 'system' or body -%}"
+    "{{- '<|' + message['role'] + '|>\n' + body + '<|end|>\n' -}}"
+    "{%- endif -%}"
+    "{%- endif -%}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{- '<|assistant|>\n' -}}{%- else -%}{{- eos_token -}}{%- endif -%}"
+)
+
+
+def load_image(image, index: int = 0) -> Image.Image:
+    """A path, bytes, array or PIL image of any mode -> an RGB PIL image (ValueError if it is none)."""
+    try:
+        if isinstance(image, (str, os.PathLike)):
+            if not os.path.isfile(image):
+                raise ValueError(f"image {index}: no such file {os.fspath(image)!r}")
+            image = Image.open(image)
+        elif isinstance(image, (bytes, bytearray)):
+            image = Image.open(io.BytesIO(image))
+        elif not isinstance(image, Image.Image):
+            array = np.asarray(image)
+            if array.dtype.kind == "f":  # floats are taken as [0, 1]
+                array = (np.clip(np.nan_to_num(array), 0.0, 1.0) * 255).round()
+            if array.ndim == 3 and array.shape[0] in (1, 3, 4) and array.shape[-1] not in (1, 3, 4):
+                array = array.transpose(1, 2, 0)  # channels first (a torch tensor) -> last
+            if array.ndim == 3 and array.shape[-1] == 1:
+                array = array[..., 0]
+            if array.ndim not in (2, 3) or (array.ndim == 3 and array.shape[-1] not in (3, 4)):
+                raise ValueError(f"image {index}: an array image must be (H, W), (H, W, 3|4) or (3|4, H, W), got shape {array.shape}")
+            image = Image.fromarray(np.clip(array, 0, 255).astype(np.uint8))
+        image.load()  # decode now, so a truncated file fails here and not inside the image processor
+    except ValueError:
+        raise
+    except (UnidentifiedImageError, OSError, SyntaxError, Image.DecompressionBombError, TypeError) as error:
+        raise ValueError(f"image {index}: not a readable image ({error})") from None
+    if min(image.size) < 1:
+        raise ValueError(f"image {index}: empty image of size {image.size}")
+    return to_rgb(image)
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """Any PIL mode -> RGB; transparency is composited on white, 16/32-bit greys scaled to 8 bits."""
+    if image.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I", "F"):
+        array = np.asarray(image, dtype=np.float64)
+        top = 65535.0 if image.mode.startswith("I;16") else max(255.0, float(np.nanmax(array)) if array.size else 255.0)
+        image = Image.fromarray((np.clip(np.nan_to_num(array), 0, top) / top * 255).astype(np.uint8), "L")
+    if image.mode == "P" or image.mode == "PA":
+        image = image.convert("RGBA")
+    if image.mode in ("RGBA", "LA", "La", "RGBa"):
+        image = image.convert("RGBA")
+        background = Image.new("RGBA", image.size, (255, 255, 255, 255))
+        image = Image.alpha_composite(background, image)
+    return image.convert("RGB")
+
+
+def resample(wave: np.ndarray, orig_rate: int, new_rate: int) -> np.ndarray:
+    """Band-limited resampling by FFT: exact for any pair of rates, anti-aliased, numpy only."""
+    if orig_rate == new_rate or wave.size == 0:
+        return wave
+    n_out = max(1, round(wave.shape[-1] * new_rate / orig_rate))
+    spectrum = np.fft.rfft(wave)
+    kept = np.zeros(n_out // 2 + 1, dtype=spectrum.dtype)
+    n_keep = min(len(spectrum), len(kept))
+    kept[:n_keep] = spectrum[:n_keep]
+    return (np.fft.irfft(kept, n_out) * (n_out / wave.shape[-1])).astype(np.float32)
+
+
+def load_audio(audio, index: int = 0, sampling_rate: int | None = None) -> np.ndarray:
+    """A path, `(sampling_rate, array)` pair, `{"array", "sampling_rate"}` dict or array -> float32 mono 16 kHz.
+
+    Bare arrays are taken to be at `sampling_rate` (default 16 kHz). Integer samples are scaled to
+    [-1, 1]; channels are averaged. ValueError for anything that is not usable audio.
+    """
+    rate = sampling_rate or SAMPLING_RATE
+    if isinstance(audio, (str, os.PathLike, bytes, bytearray)):
+        if soundfile is None:
+            raise ValueError(f"audio {index}: decoding audio files needs the soundfile package (pip install soundfile)")
+        if isinstance(audio, (str, os.PathLike)) and not os.path.isfile(audio):
+            raise ValueError(f"audio {index}: no such file {os.fspath(audio)!r}")
+        source = io.BytesIO(audio) if isinstance(audio, (bytes, bytearray)) else audio
+        try:
+            audio, rate = soundfile.read(source, dtype="float32", always_2d=True)
+        except Exception as error:  # soundfile raises its own LibsndfileError and RuntimeErrors
+            raise ValueError(f"audio {index}: not a readable audio file ({error})") from None
+    elif isinstance(audio, dict):
+        audio, rate = audio.get("array"), audio.get("sampling_rate", rate)
+    elif isinstance(audio, tuple) and len(audio) == 2 and np.isscalar(audio[0]):
+        rate, audio = audio  # Gradio's microphone and upload components give (rate, samples)
+    if hasattr(audio, "detach"):  # a torch tensor
+        audio = audio.detach().cpu().numpy()
+    try:
+        wave = np.asarray(audio)
+    except Exception as error:
+        raise ValueError(f"audio {index}: not an array of samples ({error})") from None
+    if not isinstance(rate, (int, np.integer)) or not 1 <= rate <= 1_000_000:
+        raise ValueError(f"audio {index}: sampling rate must be a positive int up to 1 MHz, got {rate!r}")
+    if wave.dtype.kind == "i":  # int16 and friends: full scale is 2 ** (bits - 1)
+        wave = wave.astype(np.float64) / (np.iinfo(wave.dtype).max + 1)
+    elif wave.dtype.kind == "u":  # unsigned (8-bit WAV): silence is mid-scale
+        wave = wave.astype(np.float64) / (np.iinfo(wave.dtype).max + 1) * 2 - 1
+    elif wave.dtype.kind != "f":
+        raise ValueError(f"audio {index}: samples must be ints or floats, got dtype {wave.dtype}")
+    if wave.ndim == 2:  # channels on the shorter axis
+        wave = wave.mean(axis=1 if wave.shape[1] <= wave.shape[0] else 0)
+    elif wave.ndim != 1:
+        raise ValueError(f"audio {index}: expected (samples,) or (samples, channels), got shape {wave.shape}")
+    if wave.size == 0:
+        raise ValueError(f"audio {index}: the clip is empty")
+    if not np.isfinite(wave).all():
+        raise ValueError(f"audio {index}: the clip contains NaN or infinite samples")
+    return resample(wave.astype(np.float32), int(rate), SAMPLING_RATE)
+
+
+def split_windows(wave: np.ndarray) -> list[np.ndarray]:
+    """Cut a clip into 30 s windows, the most Whisper's encoder takes at once."""
+    return [wave[start : start + WINDOW_SAMPLES] for start in range(0, len(wave), WINDOW_SAMPLES)]
+
+
+class MultimodalProcessor(ProcessorMixin):
+    """Phi-3.5 tokenizer, CLIP image processor and Whisper feature extractor.
+
+    Args:
+        image_seq_length: tokens per image (`config.image_seq_length` of the model).
+        audio_stack_factor: encoder frames per audio token (`config.audio_stack_factor`).
+        audio_max_frames: encoder frames per 30 s window (`audio_config.max_source_positions`).
+    """
+
+    def __init__(
+        self,
+        image_processor=None,
+        feature_extractor=None,
+        tokenizer=None,
+        chat_template: str | None = None,
+        image_seq_length: int = 576,
+        audio_stack_factor: int = 5,
+        audio_max_frames: int = 1500,
+        image_token: str = "<image>",
+        audio_token: str = "<audio>",
+        **kwargs,
+    ):
+        self.image_seq_length = image_seq_length
+        self.audio_stack_factor = audio_stack_factor
+        self.audio_max_frames = audio_max_frames
+        self.image_token = image_token
+        self.audio_token = audio_token
+        super().__init__(image_processor, feature_extractor, tokenizer, chat_template=chat_template or CHAT_TEMPLATE)
+        self.image_token_id = tokenizer.convert_tokens_to_ids(image_token)
+        self.audio_token_id = tokenizer.convert_tokens_to_ids(audio_token)
+        self._placeholder = re.compile(f"({re.escape(image_token)}|{re.escape(audio_token)})")
+
+    @property
+    def model_input_names(self) -> list[str]:
+        return ["input_ids", "attention_mask", "pixel_values", "input_features", "input_features_mask"]
+
+    def audio_token_count(self, n_samples: int) -> int:
+        """Audio tokens for a 16 kHz window of `n_samples` (the model's `audio_token_counts`, per window)."""
+        mel_frames = math.ceil(n_samples / HOP_LENGTH)
+        encoder_frames = min(max((mel_frames + 1) // 2, 1), self.audio_max_frames)
+        return math.ceil(encoder_frames / self.audio_stack_factor)
+
+    def __call__(
+        self,
+        text: str | Sequence[str] | None = None,
+        images=None,
+        audio=None,
+        return_tensors: str | None = "pt",
+        padding: bool | str = True,
+        padding_side: str | None = None,
+        max_length: int | None = None,
+        sampling_rate: int | None = None,
+        **kwargs,
+    ) -> BatchFeature:
+        """Tokenize `text` (one prompt or a batch) with its images and audio clips.
+
+        `images` / `audio`: one item, a flat list in placeholder order across the batch, or one list
+        per prompt. Returns input_ids, attention_mask, and pixel_values / input_features /
+        input_features_mask when media are given. Raises ValueError when a placeholder count does
+        not match the media, a medium cannot be read, or a prompt is longer than the context.
+        """
+        if text is None:
+            raise ValueError("text is required: a prompt with one <image> / <audio> placeholder per image / clip")
+        texts = [text] if isinstance(text, str) else list(text)
+        images, clips = _flatten(images), _flatten(audio)
+        n_image_slots = sum(t.count(self.image_token) for t in texts)
+        n_audio_slots = sum(t.count(self.audio_token) for t in texts)
+        if n_image_slots != len(images):
+            raise ValueError(f"the text has {n_image_slots} {self.image_token} placeholders but {len(images)} images were given")
+        if n_audio_slots != len(clips):
+            raise ValueError(f"the text has {n_audio_slots} {self.audio_token} placeholders but {len(clips)} audio clips were given")
+
+        data = {}
+        if images:
+            rgb = [load_image(image, i) for i, image in enumerate(images)]
+            data["pixel_values"] = self.image_processor(rgb, return_tensors="np")["pixel_values"]
+        audio_tokens = []
+        if clips:
+            windows, lengths = [], []
+            for i, clip in enumerate(clips):
+                clip_windows = split_windows(load_audio(clip, i, sampling_rate))
+                windows += clip_windows
+                lengths += [len(w) for w in clip_windows]
+                audio_tokens.append(sum(self.audio_token_count(len(w)) for w in clip_windows))
+            features = self.feature_extractor(
+                windows, sampling_rate=SAMPLING_RATE, padding="max_length", max_length=WINDOW_SAMPLES, return_tensors="np"
+            )["input_features"]
+            mask = np.zeros((len(windows), WINDOW_MEL_FRAMES), dtype=np.int64)
+            for row, n in enumerate(lengths):
+                mask[row, : math.ceil(n / HOP_LENGTH)] = 1
+            data["input_features"], data["input_features_mask"] = features, mask
+
+        expanded = self._expand_placeholders(texts, iter(audio_tokens))
+        tokenizer_kwargs = {k: v for k, v in kwargs.items() if k in ("add_special_tokens", "pad_to_multiple_of", "return_attention_mask")}
+        if padding_side is not None:
+            tokenizer_kwargs["padding_side"] = padding_side
+        encoded = self.tokenizer(expanded, padding=padding, **tokenizer_kwargs)
+        limit = max_length or self.tokenizer.model_max_length
+        for i, ids in enumerate(encoded["input_ids"]):
+            real = sum(encoded["attention_mask"][i]) if "attention_mask" in encoded else len(ids)
+            if limit and real > limit:
+                raise ValueError(
+                    f"prompt {i} is {real} tokens long (media included), more than the model's context of {limit} tokens; "
+                    "shorten the text or send fewer images / less audio"
+                )
+        data.update(encoded)
+        return BatchFeature(data=data, tensor_type=return_tensors)
+
+    def _expand_placeholders(self, texts: list[str], audio_tokens) -> list[str]:
+        expanded = []
+        for text in texts:
+            pieces = []
+            for piece in self._placeholder.split(text):
+                if piece == self.image_token:
+                    piece = self.image_token * self.image_seq_length
+                elif piece == self.audio_token:
+                    piece = self.audio_token * next(audio_tokens)
+                pieces.append(piece)
+            expanded.append("".join(pieces))
+        return expanded
+
+
+def _flatten(items) -> list:
+    """None, one item, a flat list, or one list per prompt -> a flat list (tuples are items: Gradio's audio)."""
+    if items is None:
+        return []
+    if not isinstance(items, list):
+        return [items]
+    flat = []
+    for item in items:
+        flat.extend(item if isinstance(item, list) else [item])
+    return flat
+
+
+__all__ = ["MultimodalProcessor", "load_audio", "load_image", "resample", "CHAT_TEMPLATE"]
+
+MultimodalProcessor.register_for_auto_class("AutoProcessor")
