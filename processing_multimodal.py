@@ -240,23 +240,10 @@ class MultimodalProcessor(ProcessorMixin):
 
         data = {}
         if images:
-            rgb = [load_image(image, i) for i, image in enumerate(images)]
-            data["pixel_values"] = self.image_processor(rgb, return_tensors="np")["pixel_values"]
+            data["pixel_values"] = self.process_images(images)
         audio_tokens = []
         if clips:
-            windows, lengths = [], []
-            for i, clip in enumerate(clips):
-                clip_windows = split_windows(load_audio(clip, i, sampling_rate))
-                windows += clip_windows
-                lengths += [len(w) for w in clip_windows]
-                audio_tokens.append(sum(self.audio_token_count(len(w)) for w in clip_windows))
-            features = self.feature_extractor(
-                windows, sampling_rate=SAMPLING_RATE, padding="max_length", max_length=WINDOW_SAMPLES, return_tensors="np"
-            )["input_features"]
-            mask = np.zeros((len(windows), WINDOW_MEL_FRAMES), dtype=np.int64)
-            for row, n in enumerate(lengths):
-                mask[row, : math.ceil(n / HOP_LENGTH)] = 1
-            data["input_features"], data["input_features_mask"] = features, mask
+            data["input_features"], data["input_features_mask"], audio_tokens = self.process_audio(clips, sampling_rate)
 
         expanded = self._expand_placeholders(texts, iter(audio_tokens))
         tokenizer_kwargs = {k: v for k, v in kwargs.items() if k in ("add_special_tokens", "pad_to_multiple_of", "return_attention_mask")}
@@ -273,6 +260,31 @@ class MultimodalProcessor(ProcessorMixin):
                 )
         data.update(encoded)
         return BatchFeature(data=data, tensor_type=return_tensors)
+
+    def process_images(self, images: list) -> np.ndarray:
+        """Images (paths, arrays, PIL images) -> pixel_values (images, 3, H, W)."""
+        rgb = [load_image(image, i) for i, image in enumerate(images)]
+        return self.image_processor(rgb, return_tensors="np")["pixel_values"]
+
+    def process_audio(self, clips: list, sampling_rate: int | None = None) -> tuple[np.ndarray, np.ndarray, list[int]]:
+        """Clips -> (input_features (windows, mel bins, 3000), input_features_mask (windows, 3000), tokens per clip)."""
+        windows, lengths, tokens = [], [], []
+        for i, clip in enumerate(clips):
+            clip_windows = split_windows(load_audio(clip, i, sampling_rate))
+            windows += clip_windows
+            lengths += [len(w) for w in clip_windows]
+            tokens.append(sum(self.audio_token_count(len(w)) for w in clip_windows))
+        features = self.feature_extractor(
+            windows, sampling_rate=SAMPLING_RATE, padding="max_length", max_length=WINDOW_SAMPLES, return_tensors="np"
+        )["input_features"]
+        mask = np.zeros((len(windows), WINDOW_MEL_FRAMES), dtype=np.int64)
+        for row, n in enumerate(lengths):
+            mask[row, : math.ceil(n / HOP_LENGTH)] = 1
+        return features, mask, tokens
+
+    def expand_placeholders(self, text: str, audio_tokens: list[int]) -> str:
+        """Repeat each <image> image_seq_length times and the i-th <audio> audio_tokens[i] times."""
+        return self._expand_placeholders([text], iter(audio_tokens))[0]
 
     def _expand_placeholders(self, texts: list[str], audio_tokens) -> list[str]:
         expanded = []

@@ -10,6 +10,7 @@ below only write small random components to folders, which then take that same r
 
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
 
@@ -30,6 +31,7 @@ from transformers import (
     WhisperForConditionalGeneration,
     WhisperModel,
 )
+from transformers.utils import logging as transformers_logging
 
 from configuration_phi3_projector import Phi3ProjectorConfig
 from modeling_phi3_projector import (
@@ -62,11 +64,13 @@ def build_model_and_processor(
     """
     tokenizer = AutoTokenizer.from_pretrained(text_model)
     language_model = AutoModelForCausalLM.from_pretrained(text_model, dtype=dtype)
-    vision_tower = CLIPVisionModel.from_pretrained(vision_model, dtype=dtype)
+    with _quiet_loading():  # a full CLIP checkpoint's text half is "unexpected" by design
+        vision_tower = CLIPVisionModel.from_pretrained(vision_model, dtype=dtype)
     image_processor = AutoImageProcessor.from_pretrained(vision_model)
     audio_tower = feature_extractor = None
     if audio_model is not None:
-        audio_tower = WhisperModel.from_pretrained(audio_model, dtype=dtype).get_encoder()
+        with _quiet_loading():
+            audio_tower = WhisperModel.from_pretrained(audio_model, dtype=dtype).get_encoder()
         feature_extractor = WhisperFeatureExtractor.from_pretrained(audio_model)
 
     # The placeholders reuse spare embedding rows where the vocabulary has them (Phi-3.5: 32011
@@ -117,6 +121,16 @@ def build_model_and_processor(
         audio_max_frames=audio_tower.config.max_source_positions if audio_tower is not None else 1500,
     )
     return model, processor
+
+
+@contextlib.contextmanager
+def _quiet_loading():
+    verbosity = transformers_logging.get_verbosity()
+    transformers_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        transformers_logging.set_verbosity(verbosity)
 
 
 def save_checkpoint(model, processor, out_dir: str | os.PathLike) -> Path:

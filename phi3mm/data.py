@@ -1,0 +1,276 @@
+"""LLaVA-format data for training and evaluation: rows, their media, token masks and batches.
+
+Rows are LLaVA-Instruct-150K / LLaVA-Pretrain JSON unchanged (a JSON list or JSON Lines, or a
+`datasets` dataset with the same columns): `{"id", "image"?, "audio"?, "conversations": [{"from":
+"human" | "gpt" | "system", "value": ...}]}`. Only assistant tokens are trained, each answer with
+its closing `<|end|>` (else generation never stops); everything else is -100. A row whose media
+are missing or unreadable is skipped and counted, never a crash; `strict=True` makes it an error.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from processing_multimodal import SAMPLING_RATE, load_audio, load_image
+
+logger = logging.getLogger(__name__)
+
+IGNORE_INDEX = -100
+ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
+
+
+def read_rows(data_path) -> list[dict]:
+    """A JSON list, a JSON Lines file, a `datasets` dataset or a folder saved with `save_to_disk`."""
+    if not isinstance(data_path, (str, os.PathLike)):  # a datasets.Dataset or any sequence of dicts
+        return [dict(row) for row in data_path]
+    path = Path(data_path)
+    if path.is_dir():
+        import datasets
+
+        return [dict(row) for row in datasets.load_from_disk(str(path))]
+    if not path.is_file():
+        raise ValueError(f"data file {str(path)!r} does not exist")
+    text = path.read_text(encoding="utf-8")
+    if text.lstrip().startswith("["):
+        rows = json.loads(text)
+    else:
+        try:
+            rows = [json.loads(line) for line in text.splitlines() if line.strip()]
+        except json.JSONDecodeError as error:
+            raise ValueError(f"{path}: neither a JSON list nor JSON Lines ({error})") from None
+    if not isinstance(rows, list) or not all(isinstance(row, dict) for row in rows):
+        raise ValueError(f"{path}: expected a list of objects (LLaVA format)")
+    return rows
+
+
+def _as_list(value) -> list:
+    if value is None or value == "":
+        return []
+    return list(value) if isinstance(value, (list, tuple)) else [value]
+
+
+def row_messages(row: dict, image_token: str = "<image>", audio_token: str = "<audio>") -> list[dict]:
+    """LLaVA `conversations` -> chat messages with string content (placeholders stay in the text).
+
+    LLaVA rows with an image but no `<image>` in the text get it at the start of the first human
+    turn, as LLaVA's own preprocessing does.
+    """
+    conversations = row.get("conversations")
+    if not isinstance(conversations, list) or not conversations:
+        raise ValueError("no conversations")
+    messages = []
+    for turn in conversations:
+        role = ROLES.get(str(turn.get("from", "")).lower()) if isinstance(turn, dict) else None
+        if role is None or not isinstance(turn.get("value"), str):
+            raise ValueError(f"bad turn {turn!r}")
+        messages.append({"role": role, "content": turn["value"]})
+    first_user = next((m for m in messages if m["role"] == "user"), None)
+    if first_user is None or not any(m["role"] == "assistant" for m in messages):
+        raise ValueError("needs a human and a gpt turn")
+    for token, key in ((image_token, "image"), (audio_token, "audio")):
+        n_media, n_slots = len(_as_list(row.get(key))), sum(m["content"].count(token) for m in messages)
+        if n_slots == 0 and n_media:
+            first_user["content"] = (token + "\n") * n_media + first_user["content"]
+        elif n_slots != n_media:
+            raise ValueError(f"{n_slots} {token} placeholders but {n_media} {key} files")
+    return messages
+
+
+class LlavaDataset(torch.utils.data.Dataset):
+    """Rows checked up front; items decoded and tokenized on access.
+
+    `skipped` counts dropped rows by reason (missing file, unreadable image, too long, ...).
+    """
+
+    def __init__(
+        self,
+        rows: list[dict],
+        processor,
+        image_folder: str | os.PathLike | None = None,
+        audio_folder: str | os.PathLike | None = None,
+        max_length: int = 2048,
+        strict: bool = False,
+        vision_cache=None,
+    ):
+        self.processor = processor
+        self.image_folder = Path(image_folder) if image_folder else None
+        self.audio_folder = Path(audio_folder) if audio_folder else None
+        self.max_length = max_length
+        self.strict = strict
+        self.vision_cache = vision_cache
+        self.skipped: Counter = Counter()
+        self.rows = []
+        for index, row in enumerate(rows):
+            try:
+                row_messages(row, processor.image_token, processor.audio_token)
+                for path in self.media_paths(row, "image"):
+                    if not path.is_file():
+                        raise _Skip("missing image", path)
+                for path in self.media_paths(row, "audio"):
+                    if not path.is_file():
+                        raise _Skip("missing audio", path)
+            except (ValueError, _Skip) as error:
+                self._skip(error, index, row)
+                continue
+            self.rows.append(row)
+        if self.skipped:
+            logger.warning("skipped %d of %d rows: %s", sum(self.skipped.values()), len(rows), dict(self.skipped))
+        self.lengths = [self._estimate_length(row) for row in self.rows]
+
+    def media_paths(self, row: dict, key: str) -> list[Path]:
+        folder = self.image_folder if key == "image" else self.audio_folder
+        return [(folder / name) if folder else Path(name) for name in _as_list(row.get(key))]
+
+    def _skip(self, error: Exception, index: int, row: dict) -> None:
+        reason = error.reason if isinstance(error, _Skip) else "bad row"
+        if self.strict:
+            raise ValueError(f"row {index} (id {row.get('id')!r}): {error}") from None
+        self.skipped[reason] += 1
+
+    def _estimate_length(self, row: dict) -> int:
+        """Tokens, roughly (4 characters a token), for length-grouped batching: no decoding needed."""
+        text = sum(len(turn.get("value", "")) for turn in row["conversations"]) // 4
+        images = len(_as_list(row.get("image"))) * self.processor.image_seq_length
+        audio = len(_as_list(row.get("audio"))) * 50  # a few seconds: the exact count needs decoding
+        return text + images + audio + 8 * len(row["conversations"])
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, index: int) -> dict:
+        # A row that fails to decode (a truncated image, say) is counted and replaced by the next
+        # one, so batches keep their size and the run goes on.
+        for offset in range(len(self.rows)):
+            row = self.rows[(index + offset) % len(self.rows)]
+            try:
+                return self.encode_row(row)
+            except (ValueError, _Skip) as error:
+                self._skip(error, index, row)
+        raise ValueError("no usable row in the data set")
+
+    def encode_row(self, row: dict) -> dict:
+        messages = row_messages(row, self.processor.image_token, self.processor.audio_token)
+        images = self.media_paths(row, "image")
+        if self.vision_cache is not None:
+            image_inputs = [self.vision_cache.load(name) for name in _as_list(row.get("image"))]
+        else:
+            image_inputs = [load_image(path, i) for i, path in enumerate(images)]
+        clips = [load_audio(path, i) for i, path in enumerate(self.media_paths(row, "audio"))]
+        return encode_conversation(
+            self.processor, messages, image_inputs, clips, self.max_length, precomputed=self.vision_cache is not None
+        )
+
+
+class _Skip(Exception):
+    def __init__(self, reason: str, detail=""):
+        super().__init__(f"{reason}: {detail}")
+        self.reason = reason
+
+
+def encode_conversation(processor, messages, images, clips, max_length: int, precomputed: bool = False) -> dict:
+    """Tokens, labels and media tensors of one conversation, truncated by whole turns.
+
+    `images` are RGB PIL images, or precomputed vision features when `precomputed`; `clips` are
+    16 kHz float arrays. A turn is a user message and the answer after it: turns that do not fit in
+    `max_length` are dropped with their media, so an image or audio block is never cut; only the
+    text of the last kept answer may be shortened. Raises `_Skip` when not even the first turn fits.
+    """
+    tokenizer = processor.tokenizer
+    image_iter, clip_iter = iter(images), iter(clips)
+    units: list[dict] = []  # one per turn: ids, labels, media
+    for message in messages:
+        # A system message opens the first turn; each further user message opens a new one.
+        if not units or (message["role"] == "user" and units[-1]["has_user"]):
+            units.append({"ids": [], "labels": [], "images": [], "clips": [], "has_user": False})
+        unit = units[-1]
+        unit["has_user"] |= message["role"] == "user"
+        header = tokenizer.encode(f"<|{message['role']}|>\n", add_special_tokens=False)
+        if message["role"] == "assistant":
+            answer = tokenizer.encode(message["content"] + "<|end|>", add_special_tokens=False)
+            newline = tokenizer.encode("\n", add_special_tokens=False)
+            unit["ids"] += header + answer + newline
+            unit["labels"] += [IGNORE_INDEX] * len(header) + answer + [IGNORE_INDEX] * len(newline)
+            continue
+        n_images = message["content"].count(processor.image_token)
+        n_clips = message["content"].count(processor.audio_token)
+        unit["images"] += [next(image_iter) for _ in range(n_images)]
+        unit_clips = [next(clip_iter) for _ in range(n_clips)]
+        audio_tokens = []
+        if unit_clips:
+            features, mask, audio_tokens = processor.process_audio(unit_clips, SAMPLING_RATE)
+            unit["clips"].append((features, mask))
+        text = processor.expand_placeholders(message["content"], audio_tokens)
+        ids = header + tokenizer.encode(text + "<|end|>\n", add_special_tokens=False)
+        unit["ids"] += ids
+        unit["labels"] += [IGNORE_INDEX] * len(ids)
+
+    input_ids, labels, kept = [], [], []
+    for unit in units:
+        room = max_length - len(input_ids)
+        if len(unit["ids"]) > room:
+            prompt_length = next((i for i, label in enumerate(unit["labels"]) if label != IGNORE_INDEX), len(unit["ids"]))
+            if kept or prompt_length >= room:
+                break  # a later turn that does not fit is dropped whole
+            unit = {**unit, "ids": unit["ids"][:room], "labels": unit["labels"][:room]}
+        input_ids += unit["ids"]
+        labels += unit["labels"]
+        kept.append(unit)
+    if not kept or all(label == IGNORE_INDEX for label in labels):
+        raise _Skip("too long", f"the first turn needs more than max_length={max_length} tokens")
+
+    item = {"input_ids": torch.tensor(input_ids), "labels": torch.tensor(labels)}
+    kept_images = [image for unit in kept for image in unit["images"]]
+    if kept_images:
+        if precomputed:
+            item["vision_features"] = torch.stack([torch.as_tensor(f) for f in kept_images])
+        else:
+            item["pixel_values"] = torch.as_tensor(processor.image_processor(kept_images, return_tensors="np")["pixel_values"])
+    kept_clips = [clip for unit in kept for clip in unit["clips"]]
+    if kept_clips:
+        item["input_features"] = torch.as_tensor(np.concatenate([f for f, _ in kept_clips]))
+        item["input_features_mask"] = torch.as_tensor(np.concatenate([m for _, m in kept_clips]))
+    return item
+
+
+class MultimodalCollator:
+    """Pads a list of `encode_conversation` items into one batch (right padding for training).
+
+    Media of all rows are concatenated in row order, which is the order their placeholder tokens
+    appear in the flattened batch, so the model's masked_scatter puts each where it belongs.
+    """
+
+    def __init__(self, pad_token_id: int, padding_side: str = "right", pad_to_multiple_of: int | None = None):
+        self.pad_token_id = pad_token_id
+        self.padding_side = padding_side
+        self.pad_to_multiple_of = pad_to_multiple_of
+
+    def __call__(self, items: list[dict]) -> dict[str, torch.Tensor]:
+        longest = max(len(item["input_ids"]) for item in items)
+        if self.pad_to_multiple_of:
+            longest = -(-longest // self.pad_to_multiple_of) * self.pad_to_multiple_of
+        batch = {
+            "input_ids": torch.full((len(items), longest), self.pad_token_id, dtype=torch.long),
+            "labels": torch.full((len(items), longest), IGNORE_INDEX, dtype=torch.long),
+            "attention_mask": torch.zeros((len(items), longest), dtype=torch.long),
+        }
+        for row, item in enumerate(items):
+            n = len(item["input_ids"])
+            span = slice(longest - n, longest) if self.padding_side == "left" else slice(0, n)
+            batch["input_ids"][row, span] = item["input_ids"]
+            batch["labels"][row, span] = item["labels"]
+            batch["attention_mask"][row, span] = 1
+        for key in ("pixel_values", "vision_features", "input_features", "input_features_mask"):
+            parts = [item[key] for item in items if key in item]
+            if parts:
+                batch[key] = torch.cat(parts)
+        return batch
+
+
+__all__ = ["IGNORE_INDEX", "LlavaDataset", "MultimodalCollator", "encode_conversation", "read_rows", "row_messages"]

@@ -1,0 +1,241 @@
+"""python scripts/export_llava.py SRC DST [--overwrite]
+
+Export the vision-and-text part of a checkpoint written by `phi3mm.build.save_checkpoint` (SRC)
+as transformers' own `LlavaForConditionalGeneration` checkpoint plus a `LlavaProcessor` (DST),
+which transformers loads without `trust_remote_code` and vLLM / SGLang serve as a LLaVA model.
+
+The module layout of our model is LLaVA's, so the weights map one to one (see `KEY_MAP`); the
+audio tower, the audio projector and the Whisper feature extractor are dropped (LLaVA has no
+audio), and the script says so. A model with `image_token_pooling > 1` averages the patch grid
+before the projector, which LLaVA cannot express, so it is refused (exit status 1, nothing written).
+
+    >>> from scripts.export_llava import export_llava   # or run the file
+    >>> export_llava("outputs/demo/model", "outputs/demo/llava")
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+if str(REPO_ROOT) not in sys.path:
+    sys.path.insert(0, str(REPO_ROOT))
+
+import torch  # noqa: E402
+from safetensors import safe_open  # noqa: E402
+from transformers import (  # noqa: E402
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoProcessor,
+    LlavaConfig,
+    LlavaForConditionalGeneration,
+    LlavaProcessor,
+)
+
+# Source key prefix -> LLaVA key prefix (transformers' in-memory names). The layouts agree, so
+# this is the identity, but it is spelled out so that every source key has to be accounted for.
+# On disk, `save_pretrained` writes LLaVA's original layout (language_model.model.*, vision_tower.*,
+# ...), the one the llava-hf checkpoints use and every LLaVA loader reads.
+KEY_MAP = {
+    "model.vision_tower.": "model.vision_tower.",
+    "model.multi_modal_projector.": "model.multi_modal_projector.",
+    "model.language_model.": "model.language_model.",
+    "lm_head.": "lm_head.",
+}
+# Source key prefixes deliberately left out of the export.
+DROPPED_PREFIXES = ("model.audio_tower.", "model.audio_projector.")
+
+# What in a saved file would make transformers look for our remote code.
+_REMOTE_CODE_KEYS = ("auto_map", "processor_class")
+
+
+class ExportError(ValueError):
+    """The checkpoint cannot be exported exactly as LLaVA."""
+
+
+def check_exportable(config) -> None:
+    """Raise ExportError when LLaVA cannot compute what this model computes."""
+    if config.image_token_pooling != 1:
+        raise ExportError(
+            f"cannot export exactly to LLaVA: this model has image_token_pooling={config.image_token_pooling} "
+            f"(it average-pools the {config.patches_per_side}x{config.patches_per_side} patch grid to "
+            f"{config.image_seq_length} image tokens before the projector), and LlavaForConditionalGeneration "
+            "has no pooling step. Only models with image_token_pooling=1 can be exported."
+        )
+    if config.vision_config.model_type != "clip_vision_model":
+        raise ExportError(f"expected a CLIP vision tower, got {config.vision_config.model_type!r}")
+    if not isinstance(config.vision_feature_layer, int):
+        raise ExportError(f"vision_feature_layer must be one int, got {config.vision_feature_layer!r}")
+
+
+def map_state_dict(state_dict: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """Rename the source weights to LLaVA's names; returns (LLaVA state dict, dropped audio keys).
+
+    Every source key must be either mapped by `KEY_MAP` or dropped by `DROPPED_PREFIXES`.
+    """
+    mapped, dropped, unknown = {}, [], []
+    for key, tensor in state_dict.items():
+        if key.startswith(DROPPED_PREFIXES):
+            dropped.append(key)
+            continue
+        prefix = next((p for p in KEY_MAP if key.startswith(p)), None)
+        if prefix is None:
+            unknown.append(key)
+            continue
+        mapped[KEY_MAP[prefix] + key[len(prefix) :]] = tensor
+    if unknown:
+        raise ExportError(f"{len(unknown)} source weights have no place in LLaVA: {unknown[:10]}")
+    return mapped, dropped
+
+
+def llava_config(config) -> LlavaConfig:
+    """LLaVA's config from ours: the same Phi-3 text config and CLIP vision config, the same glue."""
+    text_config = config.text_config.to_dict()
+    vision_config = config.vision_config.to_dict()
+    for sub in (text_config, vision_config):
+        sub.pop("_name_or_path", None)
+        sub.pop("auto_map", None)
+    # vLLM and SGLang build the language model from text_config.architectures.
+    text_config["architectures"] = ["Phi3ForCausalLM"]
+    vision_config.pop("architectures", None)
+    return LlavaConfig(
+        text_config=text_config,
+        vision_config=vision_config,
+        image_token_index=config.image_token_id,
+        image_seq_length=config.image_seq_length,
+        vision_feature_layer=config.vision_feature_layer,
+        vision_feature_select_strategy=config.vision_feature_select_strategy,
+        projector_hidden_act=config.projector_hidden_act,
+        multimodal_projector_bias=config.multimodal_projector_bias,
+        tie_word_embeddings=config.tie_word_embeddings,
+        dtype=config.dtype,
+    )
+
+
+def llava_processor(processor, config) -> LlavaProcessor:
+    """A LlavaProcessor with our tokenizer (with <image>), CLIP image processor and chat template."""
+    vision = config.vision_config
+    image_processor, tokenizer = processor.image_processor, processor.tokenizer
+    crop = getattr(image_processor, "crop_size", None) or {}
+    if crop and (crop.get("height"), crop.get("width")) != (vision.image_size, vision.image_size):
+        raise ExportError(
+            f"the image processor crops to {crop} but the vision tower takes {vision.image_size} px images; "
+            "LlavaProcessor counts image tokens from the pixel size, so they must agree"
+        )
+    for name in _REMOTE_CODE_KEYS:  # saved with our processor; must not follow into the export
+        tokenizer.init_kwargs.pop(name, None)
+        if hasattr(image_processor, name):
+            delattr(image_processor, name)
+    llava = LlavaProcessor(
+        image_processor=image_processor,
+        tokenizer=tokenizer,
+        patch_size=vision.patch_size,
+        vision_feature_select_strategy=config.vision_feature_select_strategy,
+        chat_template=processor.chat_template,
+        image_token=processor.image_token,
+        num_additional_image_tokens=1,  # CLIP's CLS token; "default" drops it again
+    )
+    n_tokens = (vision.image_size // vision.patch_size) ** 2 + 1 - (config.vision_feature_select_strategy == "default")
+    if n_tokens != config.image_seq_length or llava.image_token_id != config.image_token_id:
+        raise ExportError(
+            f"LlavaProcessor would give {n_tokens} tokens of id {llava.image_token_id} per image, the model expects "
+            f"{config.image_seq_length} of id {config.image_token_id}"
+        )
+    return llava
+
+
+def _strip_remote_code(dst: Path) -> None:
+    """Remove auto_map / our processor_class from every saved json (LlavaProcessor sets its own)."""
+    for path in dst.glob("*.json"):
+        if path.name in ("tokenizer.json", "model.safetensors.index.json"):
+            continue
+        data = json.loads(path.read_text())
+        if not isinstance(data, dict):
+            continue
+        changed = False
+        for section in [data, *[v for v in data.values() if isinstance(v, dict)]]:
+            if section.pop("auto_map", None) is not None:
+                changed = True
+            if section.get("processor_class") not in (None, "LlavaProcessor"):
+                section["processor_class"] = "LlavaProcessor"
+                changed = True
+        if changed:
+            path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+
+
+def _saved_keys(dst: Path) -> set[str]:
+    keys = set()
+    for path in dst.glob("*.safetensors"):
+        with safe_open(str(path), framework="pt") as f:
+            keys.update(f.keys())
+    return keys
+
+
+def export_llava(src: str | Path, dst: str | Path, overwrite: bool = False, log=print) -> Path:
+    """Write SRC's vision-and-text model as a LlavaForConditionalGeneration + LlavaProcessor in DST.
+
+    Raises ExportError (nothing written) when the model cannot be exported exactly, or when DST
+    exists and is not empty (unless `overwrite`).
+    """
+    src, dst = Path(src), Path(dst)
+    config = AutoConfig.from_pretrained(src, trust_remote_code=True)
+    check_exportable(config)  # before loading weights or touching DST
+    if dst.exists() and any(dst.iterdir()) and not overwrite:
+        raise ExportError(f"{dst} exists and is not empty (pass --overwrite to replace it)")
+
+    model = AutoModelForCausalLM.from_pretrained(src, trust_remote_code=True, dtype="auto")
+    processor = AutoProcessor.from_pretrained(src, trust_remote_code=True)
+    state_dict, dropped = map_state_dict(model.state_dict())
+
+    new_config = llava_config(model.config)
+    with torch.device("meta"):
+        llava = LlavaForConditionalGeneration(new_config)
+    # strict: a LLaVA weight left unfilled or a mapped weight LLaVA lacks (or of another shape) raises.
+    result = llava.load_state_dict(state_dict, strict=True, assign=True)
+    assert not result.missing_keys and not result.unexpected_keys, result
+    meta = [name for name, p in llava.named_parameters() if p.is_meta]
+    if meta:
+        raise ExportError(f"LLaVA weights left unfilled: {meta[:10]}")
+    llava.tie_weights()
+    llava.generation_config = model.generation_config
+    new_processor = llava_processor(processor, model.config)
+
+    if dst.exists() and overwrite:
+        shutil.rmtree(dst)
+    dst.mkdir(parents=True, exist_ok=True)
+    llava.save_pretrained(dst)
+    new_processor.save_pretrained(dst)
+    _strip_remote_code(dst)
+
+    n_saved = len(_saved_keys(dst))
+    n_expected = len({p.data_ptr() for p in llava.state_dict().values()})  # tied weights are saved once
+    if n_saved != n_expected:
+        raise ExportError(f"wrote {n_saved} tensors, expected {n_expected}")
+    n_audio = sum(model.state_dict()[k].numel() for k in dropped)
+    log(f"exported {len(state_dict)} weights to {dst} as LlavaForConditionalGeneration + LlavaProcessor")
+    if dropped:
+        log(f"dropped the audio branch: {len(dropped)} weights ({n_audio:,} parameters) of model.audio_tower / "
+            "model.audio_projector, and the Whisper feature extractor; the export takes images and text only")
+    return dst
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[2], prog="scripts/export_llava.py")
+    parser.add_argument("src", help="checkpoint folder written by phi3mm.build.save_checkpoint")
+    parser.add_argument("dst", help="output folder for the LLaVA checkpoint")
+    parser.add_argument("--overwrite", action="store_true", help="replace DST if it is not empty")
+    args = parser.parse_args(argv)
+    try:
+        export_llava(args.src, args.dst, overwrite=args.overwrite)
+    except ExportError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
