@@ -16,6 +16,7 @@ before the projector, which LLaVA cannot express, so it is refused (exit status 
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import shutil
 import sys
@@ -26,7 +27,7 @@ if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
 import torch  # noqa: E402
-from safetensors import safe_open  # noqa: E402
+from huggingface_hub import save_torch_state_dict  # noqa: E402
 from transformers import (  # noqa: E402
     AutoConfig,
     AutoModelForCausalLM,
@@ -36,17 +37,20 @@ from transformers import (  # noqa: E402
     LlavaProcessor,
 )
 
-# Source key prefix -> LLaVA key prefix (transformers' in-memory names). The layouts agree, so
-# this is the identity, but it is spelled out so that every source key has to be accounted for.
-# On disk, `save_pretrained` writes LLaVA's original layout (language_model.model.*, vision_tower.*,
-# ...), the one the llava-hf checkpoints use and every LLaVA loader reads.
-KEY_MAP = {
-    "model.vision_tower.": "model.vision_tower.",
-    "model.multi_modal_projector.": "model.multi_modal_projector.",
-    "model.language_model.": "model.language_model.",
-    "lm_head.": "lm_head.",
-}
-# Source key prefixes deliberately left out of the export.
+# The key mapping, by prefix. Column 1: our model's names. Column 2: the same weight's name in
+# transformers' LlavaForConditionalGeneration in memory (the module layouts agree, so this is the
+# identity; it is checked with a strict load). Column 3: the name written to disk, in the layout of
+# the llava-hf checkpoints, which transformers (through its LLaVA and CLIPVisionModel conversion
+# mappings), vLLM and SGLang all read: note CLIP's `vision_model.` level, which transformers 5's
+# CLIPVisionModel no longer has in memory but vLLM's and SGLang's CLIP still have.
+KEY_MAP = (
+    # ours                            LLaVA in memory                   LLaVA on disk
+    ("model.vision_tower.",           "model.vision_tower.",            "vision_tower.vision_model."),
+    ("model.multi_modal_projector.",  "model.multi_modal_projector.",   "multi_modal_projector."),
+    ("model.language_model.",         "model.language_model.",          "language_model.model."),
+    ("lm_head.",                      "lm_head.",                       "language_model.lm_head."),
+)  # fmt: skip
+# Our key prefixes deliberately left out of the export (LLaVA has no audio).
 DROPPED_PREFIXES = ("model.audio_tower.", "model.audio_projector.")
 
 # What in a saved file would make transformers look for our remote code.
@@ -72,8 +76,8 @@ def check_exportable(config) -> None:
         raise ExportError(f"vision_feature_layer must be one int, got {config.vision_feature_layer!r}")
 
 
-def map_state_dict(state_dict: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], list[str]]:
-    """Rename the source weights to LLaVA's names; returns (LLaVA state dict, dropped audio keys).
+def map_state_dict(state_dict: dict[str, torch.Tensor]) -> tuple[dict[str, tuple[str, torch.Tensor]], list[str]]:
+    """Rename our weights by `KEY_MAP`: {LLaVA in-memory name: (on-disk name, tensor)}, and the dropped keys.
 
     Every source key must be either mapped by `KEY_MAP` or dropped by `DROPPED_PREFIXES`.
     """
@@ -82,11 +86,12 @@ def map_state_dict(state_dict: dict[str, torch.Tensor]) -> tuple[dict[str, torch
         if key.startswith(DROPPED_PREFIXES):
             dropped.append(key)
             continue
-        prefix = next((p for p in KEY_MAP if key.startswith(p)), None)
-        if prefix is None:
+        row = next((row for row in KEY_MAP if key.startswith(row[0])), None)
+        if row is None:
             unknown.append(key)
             continue
-        mapped[KEY_MAP[prefix] + key[len(prefix) :]] = tensor
+        rest = key[len(row[0]) :]
+        mapped[row[1] + rest] = (row[2] + rest, tensor)
     if unknown:
         raise ExportError(f"{len(unknown)} source weights have no place in LLaVA: {unknown[:10]}")
     return mapped, dropped
@@ -167,19 +172,12 @@ def _strip_remote_code(dst: Path) -> None:
             path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
 
 
-def _saved_keys(dst: Path) -> set[str]:
-    keys = set()
-    for path in dst.glob("*.safetensors"):
-        with safe_open(str(path), framework="pt") as f:
-            keys.update(f.keys())
-    return keys
-
-
 def export_llava(src: str | Path, dst: str | Path, overwrite: bool = False, log=print) -> Path:
     """Write SRC's vision-and-text model as a LlavaForConditionalGeneration + LlavaProcessor in DST.
 
-    Raises ExportError (nothing written) when the model cannot be exported exactly, or when DST
-    exists and is not empty (unless `overwrite`).
+    Raises ExportError when the model cannot be exported exactly (nothing written), when DST
+    exists and is not empty (unless `overwrite`), or when transformers does not read back from
+    DST exactly the weights of SRC.
     """
     src, dst = Path(src), Path(dst)
     config = AutoConfig.from_pretrained(src, trust_remote_code=True)
@@ -189,37 +187,48 @@ def export_llava(src: str | Path, dst: str | Path, overwrite: bool = False, log=
 
     model = AutoModelForCausalLM.from_pretrained(src, trust_remote_code=True, dtype="auto")
     processor = AutoProcessor.from_pretrained(src, trust_remote_code=True)
-    state_dict, dropped = map_state_dict(model.state_dict())
+    source_state = model.state_dict()
+    mapped, dropped = map_state_dict(source_state)
 
     new_config = llava_config(model.config)
+    new_config.architectures = ["LlavaForConditionalGeneration"]
+    # Every LLaVA weight filled, no mapped weight left over, every shape right (on the meta device:
+    # no memory, no random init).
     with torch.device("meta"):
-        llava = LlavaForConditionalGeneration(new_config)
-    # strict: a LLaVA weight left unfilled or a mapped weight LLaVA lacks (or of another shape) raises.
-    result = llava.load_state_dict(state_dict, strict=True, assign=True)
-    assert not result.missing_keys and not result.unexpected_keys, result
-    meta = [name for name, p in llava.named_parameters() if p.is_meta]
-    if meta:
-        raise ExportError(f"LLaVA weights left unfilled: {meta[:10]}")
-    llava.tie_weights()
-    llava.generation_config = model.generation_config
+        shell = LlavaForConditionalGeneration(new_config)
+    shell.load_state_dict({name: tensor for name, (_, tensor) in mapped.items()}, strict=True, assign=True)
+    del shell
     new_processor = llava_processor(processor, model.config)
 
     if dst.exists() and overwrite:
         shutil.rmtree(dst)
     dst.mkdir(parents=True, exist_ok=True)
-    llava.save_pretrained(dst)
+    save_torch_state_dict({disk: tensor for disk, tensor in mapped.values()}, dst, metadata={"format": "pt"})
+    new_config.save_pretrained(dst)
+    generation_config = copy.deepcopy(model.generation_config)
+    generation_config._from_model_config = False  # its own file now: eos ids (<|end|> too) and pad id as set
+    generation_config.save_pretrained(dst)
     new_processor.save_pretrained(dst)
     _strip_remote_code(dst)
 
-    n_saved = len(_saved_keys(dst))
-    n_expected = len({p.data_ptr() for p in llava.state_dict().values()})  # tied weights are saved once
-    if n_saved != n_expected:
-        raise ExportError(f"wrote {n_saved} tensors, expected {n_expected}")
-    n_audio = sum(model.state_dict()[k].numel() for k in dropped)
-    log(f"exported {len(state_dict)} weights to {dst} as LlavaForConditionalGeneration + LlavaProcessor")
+    # Read it back as transformers' own LLaVA: strict, and bit for bit the source weights.
+    llava, info = LlavaForConditionalGeneration.from_pretrained(dst, dtype="auto", output_loading_info=True)
+    problems = {k: sorted(v)[:10] for k, v in info.items() if v}
+    loaded = llava.state_dict()
+    if set(loaded) != set(mapped):
+        problems["key sets differ"] = sorted(set(loaded) ^ set(mapped))[:10]
+    if differ := [name for name in mapped if name in loaded and not torch.equal(loaded[name], mapped[name][1])]:
+        problems["weights differ"] = differ[:10]
+    if problems:
+        raise ExportError(f"LlavaForConditionalGeneration does not load the export exactly: {problems}")
+
+    log(f"exported {len(mapped)} weights to {dst} as LlavaForConditionalGeneration + LlavaProcessor (checked by reloading)")
     if dropped:
-        log(f"dropped the audio branch: {len(dropped)} weights ({n_audio:,} parameters) of model.audio_tower / "
-            "model.audio_projector, and the Whisper feature extractor; the export takes images and text only")
+        n_audio = sum(source_state[k].numel() for k in dropped)
+        log(
+            f"dropped the audio branch: {len(dropped)} weights ({n_audio:,} parameters) of model.audio_tower / "
+            "model.audio_projector, and the Whisper feature extractor; the export takes images and text only"
+        )
     return dst
 
 

@@ -1,0 +1,32 @@
+"""Shared fixtures: one tiny random model (with audio) per test session, built offline."""
+
+import numpy as np
+import pytest
+import torch
+
+from phi3mm.build import build_tiny_model
+
+
+@pytest.fixture(scope="session")
+def tiny(tmp_path_factory):
+    """(model, processor) in eval mode, fp32, eager-free defaults; shared, so tests must not train it."""
+    model, processor = build_tiny_model(tmp_path_factory.mktemp("tiny_components"))
+    return model.eval(), processor
+
+
+def shape_image(color=(255, 0, 0), left=True, size=64) -> np.ndarray:
+    image = np.full((size, size, 3), 255, np.uint8)
+    x0 = 4 if left else size // 2 + 4
+    image[20:40, x0 : x0 + 20] = color
+    return image
+
+
+def tone(freq=300.0, seconds=1.0, rate=16_000) -> np.ndarray:
+    t = np.arange(int(seconds * rate)) / rate
+    return (0.5 * np.sin(2 * np.pi * freq * t)).astype(np.float32)
+
+
+@pytest.fixture
+def rng():
+    torch.manual_seed(0)
+    return np.random.default_rng(0)

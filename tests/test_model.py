@@ -1,0 +1,151 @@
+"""The model: media merging, feature paths, loss, generation with the KV cache, checkpointing."""
+
+import copy
+from threading import Thread
+
+import numpy as np
+import pytest
+import torch
+from transformers import TextIteratorStreamer
+
+from conftest import shape_image, tone
+
+USER = "<|user|>\n{}<|end|>\n<|assistant|>\n"
+
+
+def encode(processor, text, images=None, audio=None, **kwargs):
+    return processor(text=text, images=images, audio=audio, return_tensors="pt", **kwargs)
+
+
+def test_image_and_audio_tokens_are_replaced_by_their_features(tiny):
+    model, processor = tiny
+    prompt = USER.format("<image>\n<audio>\nWhat is it?")
+    red = encode(processor, prompt, [shape_image((255, 0, 0))], [tone(300)])
+    blue = encode(processor, prompt, [shape_image((0, 0, 255))], [tone(300)])
+    high = encode(processor, prompt, [shape_image((255, 0, 0))], [tone(2500)])
+    with torch.no_grad():
+        out = model(**red)
+        assert out.image_hidden_states.shape == (processor.image_seq_length, model.config.text_config.hidden_size)
+        assert out.audio_hidden_states.shape[0] == int((red["input_ids"] == model.config.audio_token_id).sum())
+        last = out.logits[0, -1]
+        assert not torch.allclose(last, model(**blue).logits[0, -1]), "the image does not reach the output"
+        assert not torch.allclose(last, model(**high).logits[0, -1]), "the audio does not reach the output"
+
+
+@pytest.mark.parametrize("modality", ["image", "audio"])
+def test_token_feature_mismatch_is_a_clear_value_error(tiny, modality):
+    model, processor = tiny
+    inputs = encode(processor, USER.format("<image>\n<audio>\nHi"), [shape_image()], [tone()])
+    token_id = getattr(model.config, f"{modality}_token_id")
+    ids = inputs["input_ids"].clone()
+    ids[0, (ids[0] == token_id).nonzero()[0]] = processor.tokenizer.pad_token_id  # one token fewer
+    with pytest.raises(ValueError, match=f"{modality} tokens and {modality} features do not match"):
+        model(**{**inputs, "input_ids": ids})
+
+
+def test_precomputed_vision_features_match_the_tower(tiny):
+    model, processor = tiny
+    inputs = encode(processor, USER.format("<image>\nWhat color?"), [shape_image()])
+    with torch.no_grad():
+        features = model.model.select_vision_features(inputs["pixel_values"])
+        from_pixels = model(**inputs).logits
+        cached = {k: v for k, v in inputs.items() if k != "pixel_values"}
+        from_cache = model(**cached, vision_features=features).logits
+    assert torch.equal(from_pixels, from_cache)
+
+
+def test_several_images_and_clips_over_several_turns_in_a_left_padded_batch(tiny):
+    model, processor = tiny
+    long_prompt = (
+        "<|user|>\n<image>\nFirst?<|end|>\n<|assistant|>\nred.<|end|>\n"
+        "<|user|>\nNow this <audio> and <image> and <audio><|end|>\n<|assistant|>\n"
+    )
+    short_prompt = USER.format("<image>\nWhat?")
+    media = [shape_image((255, 0, 0)), shape_image((0, 255, 0), left=False)], [tone(300), tone(2000, 2.5)]
+    batch = encode(processor, [long_prompt, short_prompt], images=[*media[0], shape_image((0, 0, 255))], audio=media[1])
+    assert batch["attention_mask"][1, 0] == 0, "the shorter prompt is left-padded"
+    alone = [encode(processor, long_prompt, media[0], media[1]), encode(processor, short_prompt, [shape_image((0, 0, 255))])]
+    position_ids = (batch["attention_mask"].cumsum(-1) - 1).clamp(min=0)
+    with torch.no_grad():
+        batched = model(**batch, position_ids=position_ids).logits
+        for row, single in enumerate(alone):
+            n = single["input_ids"].shape[1]
+            torch.testing.assert_close(batched[row, -n:], model(**single).logits[0], atol=1e-4, rtol=1e-4)
+
+
+def test_labels_give_the_shifted_cross_entropy(tiny):
+    model, processor = tiny
+    inputs = encode(processor, USER.format("<image>\nWhat color?") + "red.<|end|>", [shape_image()])
+    labels = inputs["input_ids"].clone()
+    labels[:, :-4] = -100
+    with torch.no_grad():
+        out = model(**inputs, labels=labels)
+    expected = torch.nn.functional.cross_entropy(out.logits[0, :-1], labels[0, 1:], ignore_index=-100)
+    torch.testing.assert_close(out.loss, expected)
+
+
+def test_generate_cached_equals_uncached_and_batch_equals_alone(tiny):
+    model, processor = tiny
+    prompts = [USER.format("<image>\nWhat color is the shape?"), USER.format("<audio>\nHigh or low?")]
+    kwargs = dict(max_new_tokens=8, do_sample=False, min_new_tokens=8)
+    singles = []
+    for prompt, images, audio in [(prompts[0], [shape_image()], None), (prompts[1], None, [tone(2500)])]:
+        inputs = encode(processor, prompt, images, audio)
+        cached = model.generate(**inputs, **kwargs, use_cache=True)
+        uncached = model.generate(**inputs, **kwargs, use_cache=False)
+        assert torch.equal(cached, uncached)
+        singles.append(cached[0, inputs["input_ids"].shape[1] :])
+    batch = encode(processor, prompts, [shape_image()], [tone(2500)])
+    out = model.generate(**batch, **kwargs)[:, batch["input_ids"].shape[1] :]
+    for row, single in enumerate(singles):
+        assert torch.equal(out[row], single)
+
+
+def test_text_iterator_streamer_streams_the_generated_text(tiny):
+    model, processor = tiny
+    inputs = encode(processor, USER.format("<image>\nHi"), [shape_image()])
+    streamer = TextIteratorStreamer(processor.tokenizer, skip_prompt=True, skip_special_tokens=False)
+    thread = Thread(target=model.generate, kwargs=dict(**inputs, streamer=streamer, max_new_tokens=6, min_new_tokens=6, do_sample=False))
+    thread.start()
+    pieces = list(streamer)
+    thread.join()
+    expected = model.generate(**inputs, max_new_tokens=6, min_new_tokens=6, do_sample=False)[0, inputs["input_ids"].shape[1] :]
+    assert "".join(pieces) == processor.tokenizer.decode(expected)
+
+
+def test_gradient_checkpointing_with_a_frozen_base_still_trains_inner_weights(tiny):
+    model = copy.deepcopy(tiny[0]).train()
+    processor = tiny[1]
+    model.requires_grad_(False)
+    inner = model.model.language_model.layers[0].self_attn.o_proj.weight  # stands in for a LoRA weight
+    inner.requires_grad_(True)
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
+    inputs = encode(processor, USER.format("Text only, no media.") + "ok.<|end|>")
+    model(**inputs, labels=inputs["input_ids"]).loss.backward()
+    assert inner.grad is not None and inner.grad.abs().sum() > 0
+
+
+def test_audio_over_30_seconds_is_split_in_windows(tiny):
+    model, processor = tiny
+    inputs = encode(processor, USER.format("<audio>\nHow long?"), audio=[np.zeros(45 * 16_000, np.float32)])
+    assert inputs["input_features"].shape[0] == 2
+    per_window = model.config.audio_tokens_per_window
+    assert int((inputs["input_ids"] == model.config.audio_token_id).sum()) == per_window + per_window // 2
+    with torch.no_grad():
+        assert model(**inputs).audio_hidden_states.shape[0] == per_window + per_window // 2
+
+
+def test_image_token_pooling_gives_a_quarter_of_the_tokens(tmp_path):
+    from phi3mm.build import build_tiny_model
+
+    model, processor = build_tiny_model(tmp_path, with_audio=False, image_token_pooling=2)
+    inputs = encode(processor, USER.format("<image>\nWhat?"), [shape_image()])
+    assert processor.image_seq_length == model.config.image_seq_length == 4  # (56 / 14 / 2) ** 2
+    with torch.no_grad():
+        features = model.model.select_vision_features(inputs["pixel_values"])
+        pooled = model.get_image_features(vision_features=features)
+        expected = model.model.multi_modal_projector(features.reshape(1, 2, 2, 2, 2, -1).mean((2, 4)).reshape(1, 4, -1))
+    torch.testing.assert_close(pooled, expected)
+    assert model.config.audio_config is None
+    with pytest.raises(ValueError, match="no audio tower"):
+        model.get_audio_features(torch.zeros(1, 80, 3000), torch.ones(1, 3000))
