@@ -27,6 +27,8 @@ from pathlib import Path
 import torch
 from transformers import BitsAndBytesConfig, HfArgumentParser, Trainer, TrainerCallback, TrainingArguments
 from transformers.trainer_pt_utils import LengthGroupedSampler
+from transformers.trainer_utils import set_seed
+from transformers.training_args import ParallelMode
 
 from modeling_phi3_projector import Phi3ProjectorForConditionalGeneration
 from phi3mm.build import build_model_and_processor, build_tiny_model, save_checkpoint
@@ -164,26 +166,30 @@ def prepare_for_training(model, model_args: ModelArguments, training_args: Train
             lora_alpha=model_args.lora_alpha,
             lora_dropout=model_args.lora_dropout,
             target_modules=rf"model\.language_model\.layers\.\d+\.(self_attn|mlp)\.({'|'.join(LORA_TARGETS)})",
-            modules_to_save=[p for p in PROJECTORS if getattr(model.model, p, None) is not None],
+            modules_to_save=trained_in_full(model, model_args),
             task_type="CAUSAL_LM",
         )
         model = get_peft_model(model, lora)
         check_lora_coverage(model)
-    elif model_args.stage == "finetune":  # full fine-tuning of the LM
-        model.model.language_model.requires_grad_(True)
-        model.lm_head.requires_grad_(True)
-    for name, module in model.named_modules():
-        if name.endswith(PROJECTORS) and "original_module" not in name:
-            module.requires_grad_(True)
-        if (model_args.train_vision_tower and name.endswith("vision_tower")) or (
-            model_args.train_audio_tower and name.endswith("audio_tower")
-        ):
-            module.requires_grad_(True)
+    else:  # with LoRA, PEFT trains (and saves) its modules_to_save copies itself
+        if model_args.stage == "finetune":  # full fine-tuning of the LM
+            model.model.language_model.requires_grad_(True)
+            model.lm_head.requires_grad_(True)
+        for name in trained_in_full(model, model_args):
+            getattr(model.model, name).requires_grad_(True)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
     logger.info("trainable params: %s || all params: %s || trainable%%: %.4f", f"{trainable:,}", f"{total:,}", 100 * trainable / total)
     print(f"trainable params: {trainable:,} || all params: {total:,} || trainable%: {100 * trainable / total:.4f}")
     return model
+
+
+def trained_in_full(model, model_args: ModelArguments) -> list[str]:
+    """Submodules of `model.model` trained in full: the projectors, and the towers when asked."""
+    names = list(PROJECTORS)
+    names += ["vision_tower"] if model_args.train_vision_tower else []
+    names += ["audio_tower"] if model_args.train_audio_tower else []
+    return [name for name in names if getattr(model.model, name, None) is not None]
 
 
 def check_lora_coverage(model) -> None:
@@ -317,11 +323,17 @@ processor = AutoProcessor.from_pretrained("REPO", trust_remote_code=True, revisi
 
 def train(model_args: ModelArguments, data_args: DataArguments, training_args: TrainingArguments) -> dict:
     """One training stage end to end; returns the run summary (also written to OUTPUT_DIR)."""
+    if training_args.world_size > 1 and training_args.parallel_mode != ParallelMode.DISTRIBUTED:
+        # torchrun / accelerate launch without GPUs: accelerate only goes multi-CPU when told to,
+        # otherwise every process silently trains its own unsynchronised copy.
+        raise ValueError(f"{training_args.world_size} processes but no distributed backend: add --use_cpu true to train on CPUs")
+    set_seed(training_args.seed)  # the LoRA init happens before Trainer seeds anything
     output_dir = Path(training_args.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     training_args.remove_unused_columns = False  # the collator's media keys are not in any dataset column
     training_args.label_names = ["labels"]
-    model, processor, base = load_base(model_args, output_dir)
+    with training_args.main_process_first(desc="assembling the base model"):  # one process writes output_dir/base
+        model, processor, base = load_base(model_args, output_dir)
     model.config.use_cache = False
     model = prepare_for_training(model, model_args, training_args)
 
@@ -331,7 +343,7 @@ def train(model_args: ModelArguments, data_args: DataArguments, training_args: T
             raise ValueError("--vision_cache_dir skips the vision tower, so it cannot be combined with --train_vision_tower")
         from phi3mm.vision_cache import VisionFeatureCache
 
-        vision_cache = VisionFeatureCache(data_args.vision_cache_dir, model.config if not hasattr(model, "base_model") else model.base_model.model.config)
+        vision_cache = VisionFeatureCache(data_args.vision_cache_dir, model.config)
     dataset = LlavaDataset(
         read_rows(data_args.data_path), processor, data_args.image_folder, data_args.audio_folder,
         max_length=data_args.max_length, strict=data_args.strict, vision_cache=vision_cache,
@@ -362,6 +374,7 @@ def train(model_args: ModelArguments, data_args: DataArguments, training_args: T
         "rows": len(dataset.rows),
         "skipped_rows": dict(dataset.skipped),
         "skipped_total": sum(dataset.skipped.values()),
+        "world_size": training_args.world_size,
     }
     if not trainer.is_world_process_zero():
         return summary

@@ -220,7 +220,12 @@ def make_tiny_components(
         tie_word_embeddings=False,
     )
     paths = {"text": out_dir / "text", "vision": out_dir / "vision"}
-    Phi3ForCausalLM(text_config).save_pretrained(paths["text"])
+    language_model = Phi3ForCausalLM(text_config)
+    # A trained LM's head can express a confident next token; one initialised at std 0.02 caps
+    # every logit near zero (|logit| <= 0.02 * width after the final norm), which no adapter on the
+    # body can undo. Rows of norm 1.5 give the tiny LM a head a trained model would have.
+    torch.nn.init.normal_(language_model.lm_head.weight, std=1.5 / hidden_size**0.5)
+    language_model.save_pretrained(paths["text"])
     tokenizer.save_pretrained(paths["text"])
 
     width = hidden_size // 2
