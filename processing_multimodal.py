@@ -32,9 +32,7 @@ except ImportError:  # audio files can't be decoded, arrays still work
     soundfile = None
 
 SAMPLING_RATE = 16_000
-WINDOW_SAMPLES = 30 * SAMPLING_RATE  # Whisper sees 30 s at a time
-HOP_LENGTH = 160  # samples per mel frame at 16 kHz
-WINDOW_MEL_FRAMES = WINDOW_SAMPLES // HOP_LENGTH
+HOP_LENGTH = 160  # samples per mel frame at 16 kHz; the encoder halves the frames again
 
 # Phi-3.5's chat format, with content given as a string or as a list of image / audio / text parts;
 # the parts of one message are joined by newlines, in the order given.
@@ -161,9 +159,9 @@ def load_audio(audio, index: int = 0, sampling_rate: int | None = None) -> np.nd
     return resample(wave.astype(np.float32), int(rate), SAMPLING_RATE)
 
 
-def split_windows(wave: np.ndarray) -> list[np.ndarray]:
-    """Cut a clip into 30 s windows, the most Whisper's encoder takes at once."""
-    return [wave[start : start + WINDOW_SAMPLES] for start in range(0, len(wave), WINDOW_SAMPLES)]
+def split_windows(wave: np.ndarray, window: int) -> list[np.ndarray]:
+    """Cut a clip into windows of `window` samples (30 s for Whisper), the most its encoder takes at once."""
+    return [wave[start : start + window] for start in range(0, len(wave), window)]
 
 
 class MultimodalProcessor(ProcessorMixin):
@@ -194,6 +192,11 @@ class MultimodalProcessor(ProcessorMixin):
         self.image_token = image_token
         self.audio_token = audio_token
         super().__init__(image_processor, feature_extractor, tokenizer, chat_template=chat_template or CHAT_TEMPLATE)
+        if feature_extractor is not None and feature_extractor.n_samples != self.window_samples:
+            raise ValueError(
+                f"the feature extractor makes {feature_extractor.n_samples}-sample windows but the audio tower's "
+                f"{audio_max_frames} positions cover {self.window_samples}: set its chunk_length to match"
+            )
         self.image_token_id = tokenizer.convert_tokens_to_ids(image_token)
         self.audio_token_id = tokenizer.convert_tokens_to_ids(audio_token)
         self._placeholder = re.compile(f"({re.escape(image_token)}|{re.escape(audio_token)})")
@@ -201,6 +204,11 @@ class MultimodalProcessor(ProcessorMixin):
     @property
     def model_input_names(self) -> list[str]:
         return ["input_ids", "attention_mask", "pixel_values", "input_features", "input_features_mask"]
+
+    @property
+    def window_samples(self) -> int:
+        """Samples per audio window: what the encoder's positions cover (2 mel frames each)."""
+        return self.audio_max_frames * 2 * HOP_LENGTH
 
     def audio_token_count(self, n_samples: int) -> int:
         """Audio tokens for a 16 kHz window of `n_samples` (the model's `audio_token_counts`, per window)."""
@@ -270,14 +278,14 @@ class MultimodalProcessor(ProcessorMixin):
         """Clips -> (input_features (windows, mel bins, 3000), input_features_mask (windows, 3000), tokens per clip)."""
         windows, lengths, tokens = [], [], []
         for i, clip in enumerate(clips):
-            clip_windows = split_windows(load_audio(clip, i, sampling_rate))
+            clip_windows = split_windows(load_audio(clip, i, sampling_rate), self.window_samples)
             windows += clip_windows
             lengths += [len(w) for w in clip_windows]
             tokens.append(sum(self.audio_token_count(len(w)) for w in clip_windows))
         features = self.feature_extractor(
-            windows, sampling_rate=SAMPLING_RATE, padding="max_length", max_length=WINDOW_SAMPLES, return_tensors="np"
+            windows, sampling_rate=SAMPLING_RATE, padding="max_length", max_length=self.window_samples, return_tensors="np"
         )["input_features"]
-        mask = np.zeros((len(windows), WINDOW_MEL_FRAMES), dtype=np.int64)
+        mask = np.zeros((len(windows), features.shape[-1]), dtype=np.int64)
         for row, n in enumerate(lengths):
             mask[row, : math.ceil(n / HOP_LENGTH)] = 1
         return features, mask, tokens

@@ -49,6 +49,7 @@ class ModelArguments:
     audio_model: str | None = field(default="openai/whisper-small", metadata={"help": "Whisper checkpoint; 'none' for no audio."})
     tiny: bool = field(default=False, metadata={"help": "Build tiny random components offline (the demo, tests)."})
     tiny_hidden_size: int = field(default=64, metadata={"help": "Width of the tiny language model."})
+    tiny_audio_window_seconds: int = field(default=30, metadata={"help": "Window of the tiny Whisper (30 as the real one)."})
     image_token_pooling: int = field(default=1, metadata={"help": "2 pools 576 image tokens to 144."})
     audio_stack_factor: int = field(default=5, metadata={"help": "Encoder frames per audio token (50 / k tokens per second)."})
     stage: str = field(default="finetune", metadata={"help": "'pretrain': projectors only, LM frozen; 'finetune': LM adapter + projectors."})
@@ -91,6 +92,8 @@ def parse_args(argv: list[str] | None = None):
         path = argv[0]
         loaded = parser.parse_yaml_file(path) if path.endswith(("yaml", "yml")) else parser.parse_json_file(path)
         if len(argv) == 1:
+            if loaded[1].data_path is None:
+                parser.error(f"{path} sets no data_path")
             return loaded
         defaults = {k: v for args in loaded for k, v in asdict(args).items()}
         parser.set_defaults(**{k: v for k, v in defaults.items() if not k.startswith("_")})
@@ -128,6 +131,7 @@ def load_base(model_args: ModelArguments, output_dir: Path):
                 model, processor = build_tiny_model(
                     output_dir / "components",
                     hidden_size=model_args.tiny_hidden_size,
+                    audio_window_seconds=model_args.tiny_audio_window_seconds,
                     image_token_pooling=model_args.image_token_pooling,
                     audio_stack_factor=model_args.audio_stack_factor,
                     with_audio=model_args.audio_model is not None,
@@ -376,14 +380,16 @@ def train(model_args: ModelArguments, data_args: DataArguments, training_args: T
         "skipped_total": sum(dataset.skipped.values()),
         "world_size": training_args.world_size,
     }
+    if hasattr(model, "peft_config"):
+        # Every process: under FSDP / ZeRO-3 Trainer.save_model gathers the sharded adapter first.
+        trainer.save_model(str(output_dir / "adapter"))
     if not trainer.is_world_process_zero():
         return summary
 
     model_dir = output_dir / "model"
-    samples = [trainer.data_collator([dataset[i] for i in range(j, min(j + 2, len(dataset)))]) for j in (0, 2)]
+    samples = [trainer.data_collator([dataset[i] for i in range(j, min(j + 2, len(dataset)))]) for j in (0, 2) if j < len(dataset)]
     if hasattr(model, "peft_config"):
         adapter_dir = output_dir / "adapter"
-        trainer.model.save_pretrained(adapter_dir)
         if model_args.merge:
             dtype = torch.bfloat16 if training_args.bf16 else torch.float32
             merged, summary["merge"] = merge_and_save(trainer.model, base, adapter_dir, processor, model_dir, samples, dtype)

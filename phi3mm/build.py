@@ -191,6 +191,7 @@ def make_tiny_components(
     image_size: int = 56,
     patch_size: int = 14,
     with_audio: bool = True,
+    audio_window_seconds: int = 30,
     spare_embedding_rows: bool = True,
     seed: int = 0,
 ) -> dict[str, Path]:
@@ -198,7 +199,8 @@ def make_tiny_components(
 
     They are saved as the Hub's checkpoints are (a full CLIPModel, a Whisper seq2seq model), so
     loading them exercises the real path. `spare_embedding_rows=False` makes the embedding exactly
-    as large as the tokenizer, so adding the placeholders has to resize it.
+    as large as the tokenizer, so adding the placeholders has to resize it. `audio_window_seconds`
+    below Whisper's 30 makes a tower that encodes shorter windows (the demo's clips are under 2 s).
     """
     out_dir = Path(out_dir)
     torch.manual_seed(seed)
@@ -257,11 +259,11 @@ def make_tiny_components(
             encoder_ffn_dim=width * 2,
             decoder_ffn_dim=width * 2,
             num_mel_bins=80,
-            max_source_positions=1500,
+            max_source_positions=audio_window_seconds * 50,
             max_target_positions=64,
         )
         WhisperForConditionalGeneration(whisper_config).save_pretrained(paths["audio"])
-        WhisperFeatureExtractor(feature_size=80).save_pretrained(paths["audio"])
+        WhisperFeatureExtractor(feature_size=80, chunk_length=audio_window_seconds).save_pretrained(paths["audio"])
     return paths
 
 

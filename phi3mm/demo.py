@@ -69,7 +69,13 @@ def run_demo(out_dir: str | Path = "outputs/demo", quick: bool = False, seed: in
 
     towers = dict(train_vision_tower=settings["train_vision_tower"], train_audio_tower=settings["train_audio_tower"])
     stage1 = train(
-        ModelArguments(tiny=True, tiny_hidden_size=settings["hidden_size"], stage="pretrain", **towers),
+        ModelArguments(
+            tiny=True,
+            tiny_hidden_size=settings["hidden_size"],
+            tiny_audio_window_seconds=2,  # the clips are under 2 s: no need to encode 28 s of padding
+            stage="pretrain",
+            **towers,
+        ),
         DataArguments(data_path=str(data["train"]), max_length=512, **folders),
         training_args(out_dir / "stage1", settings["stage1"]["epochs"], settings["stage1"]["lr"], settings["batch_size"], seed),
     )
