@@ -148,12 +148,12 @@ def load_audio(audio, index: int = 0, sampling_rate: int | None = None) -> np.nd
         wave = wave.astype(np.float64) / (np.iinfo(wave.dtype).max + 1) * 2 - 1
     elif wave.dtype.kind != "f":
         raise ValueError(f"audio {index}: samples must be ints or floats, got dtype {wave.dtype}")
+    if wave.size == 0:
+        raise ValueError(f"audio {index}: the clip is empty")
     if wave.ndim == 2:  # channels on the shorter axis
         wave = wave.mean(axis=1 if wave.shape[1] <= wave.shape[0] else 0)
     elif wave.ndim != 1:
         raise ValueError(f"audio {index}: expected (samples,) or (samples, channels), got shape {wave.shape}")
-    if wave.size == 0:
-        raise ValueError(f"audio {index}: the clip is empty")
     if not np.isfinite(wave).all():
         raise ValueError(f"audio {index}: the clip contains NaN or infinite samples")
     return resample(wave.astype(np.float32), int(rate), SAMPLING_RATE)

@@ -109,6 +109,12 @@ def test_bad_input_gets_a_value_error_that_names_the_problem(tiny, kwargs, messa
         processor(**kwargs)
 
 
+def test_a_wav_with_no_frames_is_reported_as_empty(tmp_path):
+    soundfile.write(tmp_path / "empty.wav", np.zeros((0, 2), np.float32), 16_000)
+    with pytest.raises(ValueError, match="the clip is empty"):
+        load_audio(str(tmp_path / "empty.wav"))
+
+
 def test_truncated_png_is_a_value_error(tmp_path):
     buffer = io.BytesIO()
     noise = np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)  # does not compress
