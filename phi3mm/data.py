@@ -106,6 +106,7 @@ class LlavaDataset(torch.utils.data.Dataset):
         self.strict = strict
         self.vision_cache = vision_cache
         self.skipped: Counter = Counter()
+        self.failed: set[int] = set()  # positions in `rows` that failed on access (counted once)
         self.rows = []
         for index, row in enumerate(rows):
             try:
@@ -145,14 +146,18 @@ class LlavaDataset(torch.utils.data.Dataset):
         return len(self.rows)
 
     def __getitem__(self, index: int) -> dict:
-        # A row that fails to decode (a truncated image, say) is counted and replaced by the next
-        # one, so batches keep their size and the run goes on.
+        # A row that fails to decode (a truncated image, say) is counted once, remembered, and
+        # replaced by the next one, so batches keep their size and the run goes on.
         for offset in range(len(self.rows)):
-            row = self.rows[(index + offset) % len(self.rows)]
+            position = (index + offset) % len(self.rows)
+            if position in self.failed:
+                continue
+            row = self.rows[position]
             try:
                 return self.encode_row(row)
             except (ValueError, _Skip) as error:
-                self._skip(error, index, row)
+                self.failed.add(position)
+                self._skip(error, position, row)
         raise ValueError("no usable row in the data set")
 
     def encode_row(self, row: dict) -> dict:
@@ -161,8 +166,14 @@ class LlavaDataset(torch.utils.data.Dataset):
         if self.vision_cache is not None:
             image_inputs = [self.vision_cache.load(name) for name in _as_list(row.get("image"))]
         else:
-            image_inputs = [load_image(path, i) for i, path in enumerate(images)]
-        clips = [load_audio(path, i) for i, path in enumerate(self.media_paths(row, "audio"))]
+            try:
+                image_inputs = [load_image(path, i) for i, path in enumerate(images)]
+            except ValueError as error:
+                raise _Skip("unreadable image", error) from None
+        try:
+            clips = [load_audio(path, i) for i, path in enumerate(self.media_paths(row, "audio"))]
+        except ValueError as error:
+            raise _Skip("unreadable audio", error) from None
         return encode_conversation(
             self.processor, messages, image_inputs, clips, self.max_length, precomputed=self.vision_cache is not None
         )

@@ -1,0 +1,233 @@
+"""LLaVA rows -> token masks -> batches: what is trained, what is cut, what is skipped.
+
+The expected ids and labels are written out by hand from separately tokenized pieces, so a
+change in the masking shows up here and not only as a slower-falling loss.
+"""
+
+import json
+
+import pytest
+import soundfile as sf
+import torch
+from PIL import Image
+
+from conftest import shape_image, tone
+from phi3mm.data import IGNORE_INDEX, LlavaDataset, MultimodalCollator, encode_conversation, read_rows, row_messages
+
+SYSTEM = "You are a helpful assistant."
+QUESTION_1, ANSWER_1 = "What color is the shape?", "red."
+QUESTION_2, ANSWER_2 = "Is the tone high or low?", "low."
+MESSAGES = [
+    {"role": "system", "content": SYSTEM},
+    {"role": "user", "content": f"<image>\n{QUESTION_1}"},
+    {"role": "assistant", "content": ANSWER_1},
+    {"role": "user", "content": f"<audio>\n{QUESTION_2}"},
+    {"role": "assistant", "content": ANSWER_2},
+]
+# A 1 s clip at 16 kHz: 100 mel frames -> 50 encoder frames -> 10 tokens at the tiny model's stack factor 5.
+AUDIO_TOKENS_1S = 10
+
+
+@pytest.fixture(scope="module")
+def processor(tiny):
+    return tiny[1]
+
+
+def expected_pieces(processor) -> list[tuple[list[int], bool]]:
+    """(token ids, trained?) for each piece of MESSAGES, in order, tokenized as the chat template joins them."""
+    tokenizer = processor.tokenizer
+    tok = tokenizer.convert_tokens_to_ids
+
+    def text(s: str) -> list[int]:
+        return tokenizer.encode(s, add_special_tokens=False)
+
+    assert processor.image_seq_length == 16 and processor.audio_token_count(16_000) == AUDIO_TOKENS_1S
+    end, newline = [tok("<|end|>")], text("\n")
+    return [
+        ([tok("<|system|>")] + text("\n" + SYSTEM) + end + newline, False),
+        ([tok("<|user|>")] + newline + [tok("<image>")] * 16 + text("\n" + QUESTION_1) + end + newline, False),
+        ([tok("<|assistant|>")] + newline, False),
+        (text(ANSWER_1) + end, True),  # the answer and its closing <|end|>
+        (newline, False),  # the newline after <|end|> is not the model's to say
+        ([tok("<|user|>")] + newline + [tok("<audio>")] * AUDIO_TOKENS_1S + text("\n" + QUESTION_2) + end + newline,
+         False),
+        ([tok("<|assistant|>")] + newline, False),
+        (text(ANSWER_2) + end, True),
+        (newline, False),
+    ]
+
+
+def flatten(pieces) -> tuple[list[int], list[int]]:
+    ids = [i for piece, _ in pieces for i in piece]
+    labels = [i if trained else IGNORE_INDEX for piece, trained in pieces for i in piece]
+    return ids, labels
+
+
+def test_labels_are_exactly_the_answers_and_their_end_tokens(processor):
+    image, clip = Image.fromarray(shape_image()), tone(seconds=1.0)
+    item = encode_conversation(processor, MESSAGES, [image], [clip], max_length=2048)
+    ids, labels = flatten(expected_pieces(processor))
+    assert item["input_ids"].tolist() == ids
+    assert item["labels"].tolist() == labels
+    trained = item["labels"][item["labels"] != IGNORE_INDEX]
+    assert processor.tokenizer.decode(trained) == f"{ANSWER_1}<|end|>{ANSWER_2}<|end|>"
+    # The same tokens the processor gives the chat template's rendering at inference time.
+    prompt = processor.apply_chat_template(MESSAGES, tokenize=False)
+    prompt = prompt[: -len(processor.tokenizer.eos_token)]  # training sequences carry no trailing eos
+    assert processor(text=prompt, images=[shape_image()], audio=[tone(seconds=1.0)])["input_ids"][0].tolist() == ids
+    assert item["pixel_values"].shape == (1, 3, 56, 56)
+    assert item["input_features"].shape == (1, 80, 3000)
+    assert item["input_features_mask"].sum().item() == 100  # 1 s of 10 ms mel frames
+
+
+def test_truncation_drops_the_second_turn_whole_with_its_audio(processor):
+    pieces = expected_pieces(processor)
+    first_turn = sum(len(piece) for piece, _ in pieces[:5])
+    full = sum(len(piece) for piece, _ in pieces)
+    # Room for the first turn and a few audio tokens of the second, never the whole second turn.
+    item = encode_conversation(
+        processor, MESSAGES, [Image.fromarray(shape_image())], [tone(seconds=1.0)], max_length=first_turn + 5
+    )
+    ids, labels = flatten(pieces[:5])
+    assert first_turn + 5 < full
+    assert item["input_ids"].tolist() == ids and item["labels"].tolist() == labels
+    assert processor.audio_token_id not in item["input_ids"].tolist()
+    assert "input_features" not in item and "input_features_mask" not in item
+    assert item["pixel_values"].shape[0] == 1
+    assert (item["input_ids"] == processor.image_token_id).sum().item() == processor.image_seq_length
+
+
+def write_image(path, **kwargs):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(shape_image(**kwargs)).save(path)
+    return path
+
+
+def write_audio(path, seconds=0.5):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    sf.write(path, tone(seconds=seconds), 16_000)
+    return path
+
+
+def row(id_, question, answer, image=None, audio=None):
+    out = {"id": id_, "conversations": [{"from": "human", "value": question}, {"from": "gpt", "value": answer}]}
+    if image:
+        out["image"] = image
+    if audio:
+        out["audio"] = audio
+    return out
+
+
+@pytest.fixture
+def media(tmp_path):
+    write_image(tmp_path / "a.png")
+    write_image(tmp_path / "b.png", color=(0, 0, 255), left=False)
+    write_audio(tmp_path / "t.wav")
+    return tmp_path
+
+
+def test_first_turn_longer_than_max_length_is_skipped_and_counted(processor, media):
+    rows = [
+        row("long", "<image>\n" + "Describe the image. " * 30, "red.", image="a.png"),
+        row("short", "<image>\nWhat color?", "blue.", image="b.png"),
+    ]
+    dataset = LlavaDataset(rows, processor, media, media, max_length=40)
+    item = dataset[0]  # the long row does not fit: the next one stands in
+    assert processor.tokenizer.decode(item["labels"][item["labels"] != IGNORE_INDEX]) == "blue.<|end|>"
+    assert dataset.skipped == {"too long": 1}
+    dataset[0], dataset[1]
+    assert dataset.skipped == {"too long": 1}, "a row is counted once, however often it is drawn"
+
+
+def test_json_list_and_json_lines_read_the_same(tmp_path):
+    rows = [row("1", "<image>\nWhat color?", "red.", image="a.png"), row("2", "Hello?", "Hi.")]
+    (tmp_path / "list.json").write_text(json.dumps(rows, indent=1))
+    (tmp_path / "rows.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    assert read_rows(tmp_path / "list.json") == rows
+    assert read_rows(str(tmp_path / "rows.jsonl")) == rows
+    (tmp_path / "bad.json").write_text("{not json")
+    with pytest.raises(ValueError, match="bad.json"):
+        read_rows(tmp_path / "bad.json")
+
+
+def test_row_with_image_but_no_placeholder_gets_one():
+    messages = row_messages(row("1", "What color is the shape?", "red.", image="a.png"))
+    assert messages[0] == {"role": "user", "content": "<image>\nWhat color is the shape?"}
+    after = row_messages(row("2", "What color is the shape?\n<image>", "red.", image="a.png"))
+    assert after[0]["content"] == "What color is the shape?\n<image>"  # kept where the row put it
+    with pytest.raises(ValueError, match="placeholders"):
+        row_messages(row("3", "<image>\n<image>\nSame?", "yes.", image="a.png"))
+
+
+def test_rows_without_media_and_a_datasets_dataset(processor, media):
+    import datasets
+
+    rows = [row("text", "Hello, how are you today?", "I am fine."), row("img", "What color?", "red.", image="a.png"),
+            row("snd", "<audio>\nHigh or low?", "low.", audio="t.wav")]
+    # A hub dataset has every column in every row (None where a row has no image); from_list takes
+    # its columns from the first row, so they are spelled out.
+    table = datasets.Dataset.from_list([{"image": None, "audio": None, **r} for r in rows])
+    for source in (rows, table):
+        dataset = LlavaDataset(read_rows(source), processor, media, media)
+        assert len(dataset) == 3 and not dataset.skipped
+        text, image, audio = (dataset[i] for i in range(3))
+        assert set(text) == {"input_ids", "labels"}
+        assert image["pixel_values"].shape[0] == 1 and "input_features" not in image
+        assert audio["input_features"].shape[0] == 1 and "pixel_values" not in audio
+    table.save_to_disk(str(media / "saved"))
+    assert len(LlavaDataset(read_rows(media / "saved"), processor, media, media)) == 3
+
+
+def test_missing_and_corrupt_media_are_skipped_and_counted(processor, media):
+    good = (media / "a.png").read_bytes()
+    (media / "broken.png").write_bytes(good[: len(good) // 2])  # a truncated download
+    rows = [
+        row("ok", "<image>\nWhat color?", "red.", image="a.png"),
+        row("no-image", "<image>\nWhat color?", "red.", image="gone.png"),
+        row("no-audio", "<audio>\nHigh or low?", "low.", audio="gone.wav"),
+        row("corrupt", "<image>\nWhat color?", "red.", image="broken.png"),
+        row("ok-audio", "<audio>\nHigh or low?", "low.", audio="t.wav"),
+    ]
+    dataset = LlavaDataset(rows, processor, media, media)
+    assert len(dataset) == 3  # missing files are found up front; the corrupt one only on access
+    assert dataset.skipped == {"missing image": 1, "missing audio": 1}
+    item = dataset[1]  # the corrupt image: the next row stands in, a valid item comes back
+    assert "input_features" in item and "pixel_values" not in item
+    for _ in range(2):
+        [dataset[i] for i in range(len(dataset))]
+    assert dataset.skipped == {"missing image": 1, "missing audio": 1, "unreadable image": 1}
+
+
+def test_strict_raises_naming_the_row(processor, media):
+    with pytest.raises(ValueError, match=r"id 'no-image'.*missing image"):
+        LlavaDataset([row("no-image", "<image>\nWhat?", "red.", image="gone.png")], processor, media, media,
+                     strict=True)
+    good = (media / "a.png").read_bytes()
+    (media / "broken.png").write_bytes(good[:40])
+    rows = [row("corrupt", "<image>\nWhat?", "red.", image="broken.png")]
+    dataset = LlavaDataset(rows, processor, media, media, strict=True)
+    with pytest.raises(ValueError, match=r"id 'corrupt'.*unreadable image"):
+        dataset[0]
+
+
+def test_collator_pads_right_with_ignored_labels_and_no_attention(processor):
+    image = [Image.fromarray(shape_image())]
+    long = encode_conversation(processor, MESSAGES, image, [tone(seconds=1.0)], max_length=2048)
+    chat = [{"role": "user", "content": "Hello?"}, {"role": "assistant", "content": "Hi."}]
+    short = encode_conversation(processor, chat, [], [], 2048)
+    batch = MultimodalCollator(processor.tokenizer.pad_token_id)([short, long])
+    n, longest = len(short["input_ids"]), len(long["input_ids"])
+    assert batch["input_ids"].shape == batch["labels"].shape == batch["attention_mask"].shape == (2, longest)
+    assert torch.equal(batch["input_ids"][0, :n], short["input_ids"])
+    assert (batch["input_ids"][0, n:] == processor.tokenizer.pad_token_id).all()
+    assert (batch["labels"][0, n:] == IGNORE_INDEX).all() and torch.equal(batch["labels"][0, :n], short["labels"])
+    assert batch["attention_mask"][0].tolist() == [1] * n + [0] * (longest - n)
+    assert batch["attention_mask"][1].all() and torch.equal(batch["labels"][1], long["labels"])
+    # Media of the rows that have them, in row order.
+    assert batch["pixel_values"].shape[0] == 1 and batch["input_features"].shape[0] == 1
+    left_collator = MultimodalCollator(processor.tokenizer.pad_token_id, padding_side="left", pad_to_multiple_of=8)
+    left = left_collator([short, long])
+    width = left["input_ids"].shape[1]
+    assert width % 8 == 0 and width >= longest
+    assert left["attention_mask"][0].tolist() == [0] * (width - n) + [1] * n
+    assert torch.equal(left["input_ids"][0, width - n :], short["input_ids"])

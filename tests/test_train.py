@@ -1,0 +1,314 @@
+"""train_trainer.py end to end on the tiny model: it learns, merges faithfully, survives bad rows,
+resumes exactly, runs under 2-process DDP, and reads its arguments from one YAML file.
+
+Runs go through `main(argv)` in this process (the DDP run through `accelerate launch`), on a
+96-row demo set, so each takes seconds on a laptop CPU.
+"""
+
+import json
+import math
+import os
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+from phi3mm.build import build_tiny_model, save_checkpoint
+from phi3mm.data import LlavaDataset, MultimodalCollator, read_rows
+from phi3mm.demo_data import make_demo_dataset
+from train_trainer import LORA_TARGETS, main, parse_args, train
+
+ROOT = Path(__file__).resolve().parents[1]
+QUIET = ["--report_to", "none", "--disable_tqdm", "true", "--dataloader_pin_memory", "false"]
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny matmuls gain nothing from a second thread, and on a busy 2-core machine OpenMP's
+    waiting threads made these runs 5x slower (same losses either way)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("demo_data")
+    make_demo_dataset(out, n_train=96, n_eval=8)
+    return out
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory) -> Path:
+    """A saved tiny composite checkpoint: what --model_name_or_path points at after stage 1."""
+    work = tmp_path_factory.mktemp("base")
+    model, processor = build_tiny_model(work / "components")
+    return save_checkpoint(model, processor, work / "base")
+
+
+def data_args(folder: Path, data_path: Path | None = None) -> list[str]:
+    data_path = data_path or folder / "train.json"
+    return ["--data_path", str(data_path), "--image_folder", str(folder), "--audio_folder", str(folder)]
+
+
+def qlora_args(base: Path, rank: int = 16) -> list[str]:
+    return ["--model_name_or_path", str(base), "--stage", "finetune", "--tuning", "qlora", "--lora_r", str(rank),
+            "--lora_alpha", str(2 * rank), "--bnb_compute_dtype", "float32"]
+
+
+def run(*argv) -> dict:
+    return main([str(a) for a in argv] + QUIET)
+
+
+def test_qlora_run_learns_and_the_merged_model_matches_base_plus_adapter(demo, base, tmp_path):
+    out = tmp_path / "run"
+    summary = run(*qlora_args(base), *data_args(demo), "--output_dir", out, "--per_device_train_batch_size", 8,
+                  "--learning_rate", 2e-3, "--num_train_epochs", 3, "--logging_steps", 2, "--save_strategy", "no")
+
+    written = json.loads((out / "run_summary.json").read_text())
+    assert written["steps"] == summary["steps"] == 3 * math.ceil(96 / 8)
+    assert written["samples_per_second"] > 0 and written["peak_memory_mb"] > 0
+    assert written["skipped_total"] == 0 and written["tuning"] == "qlora"
+    # The answers are single words from a handful of classes: 36 steps take several nats off a
+    # random LM's ~ln(vocab); one nat is a margin noise cannot make.
+    assert written["last_logged_loss"] < written["first_logged_loss"] - 1.0, written
+    assert Image.open(out / "loss.png").format == "PNG"
+
+    # LoRA on all four fused Phi-3 linears of every layer; both projectors trained and saved in full.
+    adapter = load_file(out / "adapter" / "adapter_model.safetensors")
+    config = json.loads((out / "adapter" / "adapter_config.json").read_text())
+    n_layers = json.loads((base / "config.json").read_text())["text_config"]["num_hidden_layers"]
+    for layer in range(n_layers):
+        for target in LORA_TARGETS:
+            block = "self_attn" if target in ("qkv_proj", "o_proj") else "mlp"
+            stem = f"language_model.layers.{layer}.{block}.{target}"
+            assert any(stem in k and "lora_A" in k for k in adapter), f"no LoRA on {stem}"
+            assert any(stem in k and "lora_B" in k for k in adapter), f"no LoRA on {stem}"
+    assert set(config["modules_to_save"]) == {"multi_modal_projector", "audio_projector"}
+    for projector in ("multi_modal_projector", "audio_projector"):
+        assert any(projector in k for k in adapter), f"{projector} not in the adapter"
+
+    # 4-bit trained vs merged: only reported by the script, checked loosely here.
+    assert summary["merge"]["top1_agreement"] >= 0.9, summary["merge"]
+
+    # The exact comparison: merged (loaded as a Hub user would) vs base + adapter, both full precision.
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from modeling_phi3_projector import Phi3ProjectorForConditionalGeneration
+    from processing_multimodal import MultimodalProcessor
+
+    merged = AutoModelForCausalLM.from_pretrained(out / "model", trust_remote_code=True).eval()
+    processor = MultimodalProcessor.from_pretrained(base, trust_remote_code=True)
+    rows = read_rows(demo / "eval.json")
+    dataset = LlavaDataset(rows, processor, demo, demo)
+    batch = MultimodalCollator(processor.tokenizer.pad_token_id)([dataset[i] for i in range(len(dataset))])
+    assert "pixel_values" in batch and "input_features" in batch
+    batch.pop("labels")
+    reference = Phi3ProjectorForConditionalGeneration.from_pretrained(base, dtype=torch.float32).eval()
+    with torch.no_grad():
+        base_logits = reference(**batch).logits
+        reference = PeftModel.from_pretrained(reference, out / "adapter").eval()
+        expected, got = reference(**batch).logits, merged(**batch).logits
+    mask = batch["attention_mask"].bool()
+    assert (expected - got).abs()[mask].max().item() < 1e-4  # fp32 both: summation order only (~5e-6 seen)
+    assert (expected - base_logits).abs()[mask].max().item() > 1e-2, "the adapter changed nothing"
+
+
+def test_broken_rows_are_skipped_counted_and_training_finishes(demo, tmp_path):
+    rows = json.loads((demo / "train.json").read_text())[:50]
+    image_rows = [r for r in rows if "image" in r]
+    good = (demo / image_rows[0]["image"]).read_bytes()
+    for i, r in enumerate(image_rows[1:3]):  # truncated downloads: found only when decoded
+        r["image"] = f"images/corrupt_{i}.png"
+        (demo / r["image"]).write_bytes(good[: len(good) // 3])
+    for r in image_rows[3:5]:
+        r["image"] = "images/not_there.png"
+    next(r for r in rows if "audio" in r)["audio"] = "audio/not_there.wav"
+    (tmp_path / "broken.json").write_text(json.dumps(rows))
+
+    out = tmp_path / "run"
+    summary = run("--tiny", "true", "--stage", "pretrain", *data_args(demo, tmp_path / "broken.json"),
+                  "--output_dir", out, "--per_device_train_batch_size", 8, "--learning_rate", 1e-3,
+                  "--num_train_epochs", 2, "--save_strategy", "no")
+    assert summary["steps"] == 2 * math.ceil(45 / 8)  # the 3 missing files are dropped before training
+    written = json.loads((out / "run_summary.json").read_text())
+    # Each bad row counted once, though the corrupt ones are drawn every epoch.
+    assert written["skipped_rows"] == {"missing image": 2, "missing audio": 1, "unreadable image": 2}
+    assert written["skipped_total"] == 5 and (out / "model" / "model.safetensors").is_file()
+
+
+def adapter_weights(folder: Path) -> dict[str, torch.Tensor]:
+    return load_file(folder / "adapter_model.safetensors")
+
+
+def max_difference(a: dict, b: dict) -> float:
+    assert a.keys() == b.keys()
+    return max((a[k] - b[k]).abs().max().item() for k in a)
+
+
+def test_resume_from_the_middle_checkpoint_ends_where_the_uninterrupted_run_does(demo, base, tmp_path):
+    # LoRA dropout on, and a separate projector learning rate: RNG state and both optimizer groups matter.
+    common = [*qlora_args(base, rank=8), *data_args(demo), "--per_device_train_batch_size", 4,
+              "--learning_rate", 2e-3, "--projector_lr", 1e-3, "--lora_dropout", 0.1, "--max_steps", 12,
+              "--save_strategy", "steps", "--save_steps", 6, "--logging_steps", 1, "--merge", "false", "--seed", 7]
+    full = run(*common, "--output_dir", tmp_path / "full")
+    middle = tmp_path / "full" / "checkpoint-6"
+    resumed = run(*common, "--output_dir", tmp_path / "resumed", "--resume_from_checkpoint", middle)
+
+    final = adapter_weights(tmp_path / "full" / "adapter")
+    assert any("multi_modal_projector" in k for k in final) and any("audio_projector" in k for k in final)
+    assert max_difference(final, adapter_weights(middle)) > 1e-3  # the second half did train
+    # Same CPU, same seed, same batches: the tolerance only absorbs float reordering.
+    assert max_difference(final, adapter_weights(tmp_path / "resumed" / "adapter")) <= 1e-6
+    assert resumed["steps"] == full["steps"] == 12
+    assert resumed["last_logged_loss"] == pytest.approx(full["last_logged_loss"], abs=1e-5)
+
+    # Controls: without the optimizer state, or without skipping the batches already seen, the
+    # resumed run ends elsewhere, so the comparison above can tell.
+    no_optimizer = tmp_path / "no_optimizer"
+    shutil.copytree(middle, no_optimizer)
+    (no_optimizer / "optimizer.pt").unlink()
+    run(*common, "--output_dir", tmp_path / "control1", "--resume_from_checkpoint", no_optimizer)
+    assert max_difference(final, adapter_weights(tmp_path / "control1" / "adapter")) > 1e-4
+    run(*common, "--output_dir", tmp_path / "control2", "--resume_from_checkpoint", middle,
+        "--ignore_data_skip", "true")
+    assert max_difference(final, adapter_weights(tmp_path / "control2" / "adapter")) > 1e-4
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_two_process_ddp_on_cpu_with_the_accelerate_config(demo, tmp_path):
+    out = tmp_path / "ddp"
+    # --tiny without a checkpoint: rank 0 assembles and saves the base while rank 1 waits for it.
+    qlora = ["--tiny", "true", "--stage", "finetune", "--tuning", "qlora", "--lora_r", "8", "--lora_alpha", "16",
+             "--bnb_compute_dtype", "float32"]
+    command = [
+        sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(ROOT / "configs/accelerate/ddp.yaml"),
+        "--num_processes", "2", "--main_process_port", str(free_port()), str(ROOT / "train_trainer.py"),
+        *qlora, *data_args(demo), "--output_dir", str(out), "--per_device_train_batch_size", "4",
+        "--learning_rate", "2e-3", "--max_steps", "4", "--logging_steps", "1", "--save_strategy", "no",
+        "--use_cpu", "true", *QUIET,  # on CPU accelerate goes multi-process (gloo) only when told
+    ]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    done = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=400)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-5000:]
+    summary = json.loads((out / "run_summary.json").read_text())
+    assert summary["world_size"] == 2 and summary["steps"] == 4
+    assert 0.0 <= summary["merge"]["top1_agreement"] <= 1.0  # reported only: 4-bit vs full-precision base
+    assert (out / "adapter" / "adapter_model.safetensors").is_file() and (out / "model" / "config.json").is_file()
+    assert "parallel_mode != ParallelMode.DISTRIBUTED" not in done.stderr + done.stdout
+
+
+def test_several_processes_without_a_distributed_backend_are_refused():
+    from transformers.training_args import ParallelMode
+
+    training_args = SimpleNamespace(world_size=2, parallel_mode=ParallelMode.NOT_PARALLEL)
+    with pytest.raises(ValueError, match="--use_cpu true"):
+        train(None, None, training_args)
+
+
+def test_arguments_from_one_yaml_file_and_flags_over_it(tmp_path):
+    config = tmp_path / "stage.yaml"
+    config.write_text(
+        "tiny: true\nstage: pretrain\ndata_path: data/train.json\nimage_folder: data\n"
+        f"output_dir: {tmp_path / 'out'}\nlearning_rate: 0.001\nper_device_train_batch_size: 8\n"
+        "lr_scheduler_type: cosine\nreport_to: none\nmax_length: 512\n"
+    )
+    model_args, data, training = parse_args([str(config)])
+    assert (model_args.tiny, model_args.stage) == (True, "pretrain")
+    assert (data.data_path, data.max_length) == ("data/train.json", 512)
+    assert (training.learning_rate, training.per_device_train_batch_size) == (1e-3, 8)
+    assert training.lr_scheduler_type == "cosine"
+
+    flags = ["--learning_rate", "2e-4", "--stage", "finetune", "--tuning", "lora"]
+    model_args, data, training = parse_args([str(config), *flags])
+    assert (model_args.stage, model_args.tuning, training.learning_rate) == ("finetune", "lora", 2e-4)
+    assert data.data_path == "data/train.json"  # the rest still comes from the file
+    assert (training.per_device_train_batch_size, training.lr_scheduler_type) == (8, "cosine")
+
+    with pytest.raises(ValueError, match=r"--stage must be 'pretrain' or 'finetune', got 'align'"):
+        parse_args([str(config), "--stage", "align"])
+    with pytest.raises(ValueError, match=r"--tuning must be qlora, lora or full, got 'qlora4'"):
+        parse_args(["--data_path", "x.json", "--tuning", "qlora4"])
+    config.write_text("stage: pretrain\n")
+    with pytest.raises(SystemExit):
+        parse_args([str(config)])  # no data_path: argparse's usage error, not a crash later
+
+
+def test_llava_instruct_rows_train_without_skipping(tmp_path):
+    """llava_instruct_150k.json as it comes: COCO ids, JPEGs, multi-turn, <image> before or after, text-only rows."""
+    images = tmp_path / "coco" / "train2017"
+    images.mkdir(parents=True)
+    colors = [(200, 30, 30), (30, 160, 40), (40, 60, 220), (230, 200, 10)]
+    rows = []
+    for i, color in enumerate(colors * 2):
+        image_id = f"{33471 + 97 * i:012d}"
+        picture = Image.new("RGB", (96 + 8 * i, 72), (255, 255, 255))
+        picture.paste(color, (10, 10, 50, 50))
+        picture.save(images / f"{image_id}.jpg", quality=85)
+        first = "What are the colors of the bus in the image?"
+        rows.append({"id": image_id, "image": f"{image_id}.jpg", "conversations": [
+            {"from": "human", "value": f"{first}\n<image>" if i == 1 else f"<image>\n{first}"},
+            {"from": "gpt", "value": "The bus in the image is white and red."},
+            {"from": "human", "value": "What feature can be seen on the back of the bus?"},
+            {"from": "gpt", "value": "The back of the bus features an advertisement."},
+        ]})  # fmt: skip
+    rows.append({"id": "text_only_1", "conversations": [
+        {"from": "human", "value": "Hello, how are you today?"},
+        {"from": "gpt", "value": "I am fine, thank you."},
+    ]})  # fmt: skip
+    (tmp_path / "llava_instruct.json").write_text(json.dumps(rows, indent=2))
+
+    out = tmp_path / "run"
+    summary = run("--tiny", "true", "--stage", "pretrain", "--data_path", tmp_path / "llava_instruct.json",
+                  "--image_folder", images, "--output_dir", out, "--per_device_train_batch_size", 3,
+                  "--learning_rate", 1e-3, "--num_train_epochs", 1, "--save_strategy", "no")
+    assert summary["rows"] == len(rows) == 9 and summary["skipped_total"] == 0
+    assert summary["steps"] == 3 and math.isfinite(summary["train_loss"])
+    assert (out / "base" / "config.json").is_file() and (out / "model" / "model.safetensors").is_file()
+
+
+# --- accelerate configs: parsed the way `accelerate launch` parses them (no GPUs needed) ------------
+
+
+def launch_args(name: str):
+    from accelerate.commands.launch import _validate_launch_command, launch_command_parser
+
+    parser = launch_command_parser()
+    args = parser.parse_args(["--config_file", str(ROOT / "configs/accelerate" / name), "train_trainer.py"])
+    return _validate_launch_command(args)[0]
+
+
+def test_accelerate_ddp_and_deepspeed_configs_parse():
+    ddp = launch_args("ddp.yaml")
+    assert ddp.multi_gpu and not ddp.use_fsdp and not ddp.use_deepspeed
+    zero3 = launch_args("deepspeed_zero3.yaml")
+    assert zero3.use_deepspeed and zero3.zero_stage == 3 and zero3.zero3_init_flag and zero3.zero3_save_16bit_model
+
+
+def test_accelerate_fsdp2_config_wraps_the_three_towers_layers(tiny, monkeypatch):
+    from accelerate.utils import FullyShardedDataParallelPlugin
+    from accelerate.utils.launch import prepare_multi_gpu_env
+
+    for key, value in prepare_multi_gpu_env(launch_args("fsdp.yaml")).items():
+        monkeypatch.setenv(key, value)
+    plugin = FullyShardedDataParallelPlugin()
+    assert plugin.fsdp_version == 2 and plugin.reshard_after_forward is True
+    plugin.set_auto_wrap_policy(tiny[0])  # raises if a class name is not in the model
+    wrapped = {cls.__name__ for cls in plugin.auto_wrap_policy.keywords["transformer_layer_cls"]}
+    assert wrapped == {"Phi3DecoderLayer", "CLIPEncoderLayer", "WhisperEncoderLayer"}
+    assert wrapped <= {type(m).__name__ for m in tiny[0].modules()}
