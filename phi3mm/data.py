@@ -193,21 +193,22 @@ def encode_conversation(processor, messages, images, clips, max_length: int, pre
     `max_length` are dropped with their media, so an image or audio block is never cut; only the
     text of the last kept answer may be shortened. Raises `_Skip` when not even the first turn fits.
     """
-    tokenizer = processor.tokenizer
+    # The conversation is rendered to one string and tokenized once, exactly as the chat template
+    # renders it at inference; labels come from character spans (each answer + its <|end|>), so
+    # a tokenizer that treats piece starts specially (SentencePiece's leading "▁") cannot shift them.
     image_iter, clip_iter = iter(images), iter(clips)
-    units: list[dict] = []  # one per turn: ids, labels, media
+    text, answer_spans = "", []
+    units: list[dict] = []  # one per turn: where its text starts, its media
     for message in messages:
         # A system message opens the first turn; each further user message opens a new one.
         if not units or (message["role"] == "user" and units[-1]["has_user"]):
-            units.append({"ids": [], "labels": [], "images": [], "clips": [], "has_user": False})
+            units.append({"start": len(text), "images": [], "clips": [], "has_user": False})
         unit = units[-1]
         unit["has_user"] |= message["role"] == "user"
-        header = tokenizer.encode(f"<|{message['role']}|>\n", add_special_tokens=False)
+        text += f"<|{message['role']}|>\n"
         if message["role"] == "assistant":
-            answer = tokenizer.encode(message["content"] + "<|end|>", add_special_tokens=False)
-            newline = tokenizer.encode("\n", add_special_tokens=False)
-            unit["ids"] += header + answer + newline
-            unit["labels"] += [IGNORE_INDEX] * len(header) + answer + [IGNORE_INDEX] * len(newline)
+            answer_spans.append((len(text), len(text) + len(message["content"]) + len("<|end|>")))
+            text += message["content"] + "<|end|>\n"
             continue
         n_images = message["content"].count(processor.image_token)
         n_clips = message["content"].count(processor.audio_token)
@@ -217,10 +218,17 @@ def encode_conversation(processor, messages, images, clips, max_length: int, pre
         if unit_clips:
             features, mask, audio_tokens = processor.process_audio(unit_clips, SAMPLING_RATE)
             unit["clips"].append((features, mask))
-        text = processor.expand_placeholders(message["content"], audio_tokens)
-        ids = header + tokenizer.encode(text + "<|end|>\n", add_special_tokens=False)
-        unit["ids"] += ids
-        unit["labels"] += [IGNORE_INDEX] * len(ids)
+        text += processor.expand_placeholders(message["content"], audio_tokens) + "<|end|>\n"
+
+    encoded = processor.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    ids, offsets = encoded["input_ids"], encoded["offset_mapping"]
+    all_labels = [
+        token if any(start <= begin < end for start, end in answer_spans) else IGNORE_INDEX
+        for token, (begin, _) in zip(ids, offsets)
+    ]
+    starts = [next((i for i, (begin, _) in enumerate(offsets) if begin >= unit["start"]), len(ids)) for unit in units]
+    for unit, first, last in zip(units, starts, starts[1:] + [len(ids)]):
+        unit["ids"], unit["labels"] = ids[first:last], all_labels[first:last]
 
     input_ids, labels, kept = [], [], []
     for unit in units:
