@@ -55,7 +55,7 @@ def _box(rng: Rng, size: int, side: str, d_range: tuple[float, float]) -> tuple[
 
 def draw_image(rng: Rng, size: int, shape: str, color: str, side: str) -> Image.Image:
     img = Image.new("RGB", (size, size), (255, 255, 255))
-    d, x0, y0 = _box(rng, size, side, (14, 26))
+    d, x0, y0 = _box(rng, size, side, (20, 30))
     x1, y1, fill, draw = x0 + d - 1, y0 + d - 1, COLORS[color], ImageDraw.Draw(img)
     if shape == "circle":
         draw.ellipse([x0, y0, x1, y1], fill=fill)
@@ -68,7 +68,7 @@ def draw_image(rng: Rng, size: int, shape: str, color: str, side: str) -> Image.
 
 def draw_image_independent(rng: Rng, size: int, shape: str, color: str, side: str) -> Image.Image:
     """Numpy rasteriser with 4x supersampled anti-aliasing, jittered colour and an off-white, noisy background."""
-    d, x0, y0 = _box(rng, size, side, (12, 24))
+    d, x0, y0 = _box(rng, size, side, (18, 28))
     ss = 4
     ys, xs = (np.mgrid[0:size * ss, 0:size * ss] + 0.5) / ss
     u, v = (xs - x0) / d, (ys - y0) / d  # shape-local coordinates in [0, 1]
