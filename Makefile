@@ -21,7 +21,7 @@ browser:
 	@[ -x /usr/bin/chromium ] || (apt-get update -q && apt-get install -y -q chromium)
 
 demo: setup
-	$(PY) train_trainer.py configs/demo.yaml
+	$(PY) -m phi3mm.demo
 
 test: setup browser
 	$(PY) -m pytest -q
