@@ -5,6 +5,7 @@
     python train_trainer.py --model_name_or_path outputs/stage1/model --data_path llava_instruct_150k.json \\
         --image_folder coco/train2017 --stage finetune --output_dir outputs/stage2 --bf16 true
     accelerate launch --config_file configs/accelerate/ddp.yaml train_trainer.py configs/finetune.yaml
+    python train_trainer.py configs/finetune.yaml --resume_from_checkpoint auto  # after a crash or preemption
 
 Every `TrainingArguments` flag works. At the end of a LoRA run the base is loaded again in full
 precision, the adapter merged into it (never into 4-bit weights), the merged model compared with
@@ -18,10 +19,12 @@ import json
 import logging
 import math
 import os
+import re
 import resource
+import shutil
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -85,22 +88,25 @@ class DataArguments:
 
 
 def parse_args(argv: list[str] | None = None):
+    """Flags, or one YAML/JSON file of arguments followed by flags that override it."""
     parser = HfArgumentParser((ModelArguments, DataArguments, TrainingArguments))
     argv = sys.argv[1:] if argv is None else argv
-    if len(argv) >= 1 and argv[0].endswith((".yaml", ".yml", ".json")):
-        # One file of arguments; flags after it override it.
-        path = argv[0]
-        loaded = parser.parse_yaml_file(path) if path.endswith(("yaml", "yml")) else parser.parse_json_file(path)
-        if len(argv) == 1:
-            if loaded[1].data_path is None:
-                parser.error(f"{path} sets no data_path")
-            return loaded
-        defaults = {k: v for args in loaded for k, v in asdict(args).items()}
-        parser.set_defaults(**{k: v for k, v in defaults.items() if not k.startswith("_")})
+    if argv and argv[0].endswith((".yaml", ".yml", ".json")):
+        # The file's values become the parser's defaults (not dataclasses yet: a value the flags
+        # override, such as bf16 on a CPU, must not be validated first).
+        import yaml
+
+        text = Path(argv[0]).read_text()
+        values = yaml.safe_load(text) if argv[0].endswith((".yaml", ".yml")) else json.loads(text)
+        known = {action.dest for action in parser._actions}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            parser.error(f"{argv[0]}: unknown arguments {unknown}")
+        parser.set_defaults(**values)
         argv = argv[1:]
     model_args, data_args, training_args = parser.parse_args_into_dataclasses(args=argv)
     if data_args.data_path is None:
-        parser.error("--data_path is required")
+        parser.error("--data_path is required (as a flag or in the arguments file)")
     return model_args, data_args, training_args
 
 
@@ -144,10 +150,17 @@ def load_base(model_args: ModelArguments, output_dir: Path):
                     image_token_pooling=model_args.image_token_pooling,
                     audio_stack_factor=model_args.audio_stack_factor,
                 )
-            save_checkpoint(model, processor, base)
+            # Written aside and renamed when whole: a run killed mid-write must not leave a `base`
+            # with a config.json that the next run would take for a finished one.
+            partial = output_dir / "base.partial"
+            shutil.rmtree(partial, ignore_errors=True)
+            shutil.rmtree(base, ignore_errors=True)
+            save_checkpoint(model, processor, partial)
+            os.replace(partial, base)
     quantize = model_args.stage == "finetune" and model_args.tuning == "qlora"
     model = Phi3ProjectorForConditionalGeneration.from_pretrained(
-        base, quantization_config=quantization_config(model_args) if quantize else None, dtype=torch.float32
+        base, quantization_config=quantization_config(model_args) if quantize else None, dtype=torch.float32,
+        use_safetensors=True,  # never unpickle weights: a pytorch_model.bin can run code as it loads
     )
     # The code is this repository's own; trust_remote_code only keeps the sub-processor loaders
     # from asking about the auto_map in the folder's config.
@@ -163,7 +176,7 @@ def prepare_for_training(model, model_args: ModelArguments, training_args: Train
 
         if model_args.tuning == "qlora":
             model = prepare_model_for_kbit_training(
-                model, use_gradient_checkpointing=training_args.gradient_checkpointing
+                model, use_gradient_checkpointing=bool(training_args.activation_checkpointing)
             )
         lora = LoraConfig(
             r=model_args.lora_r,
@@ -205,12 +218,68 @@ def check_lora_coverage(model) -> None:
             raise ValueError(f"LoRA reached {len(hits)} of {n_layers} '{target}' layers")
 
 
+def checkpoint_is_complete(folder: str | os.PathLike) -> bool:
+    """Whether `checkpoint-N` was written to the end.
+
+    Trainer writes a checkpoint file by file (weights, optimizer, scheduler, RNG state) and
+    `trainer_state.json` last, and removes older checkpoints only after that: a folder whose state
+    file reads back with its own step is whole; a run killed mid-save leaves one that is not.
+    """
+    folder = Path(folder)
+    step = re.fullmatch(r"checkpoint-(\d+)", folder.name)
+    try:
+        state = json.loads((folder / "trainer_state.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return step is not None and state.get("global_step") == int(step.group(1))
+
+
+def last_complete_checkpoint(output_dir: str | os.PathLike) -> str | None:
+    """The newest complete `checkpoint-N` in `output_dir` (transformers' get_last_checkpoint takes
+    the newest folder, whole or not); None when there is none."""
+    folders = [f for f in Path(output_dir).glob("checkpoint-*") if re.fullmatch(r"checkpoint-\d+", f.name) and f.is_dir()]
+    for folder in sorted(folders, key=lambda f: int(f.name.split("-")[1]), reverse=True):
+        if checkpoint_is_complete(folder):
+            return str(folder)
+        logger.warning("skipping %s: incomplete, the run stopped while writing it", folder)
+    return None
+
+
+def resolve_resume(resume: str | None, output_dir: Path) -> str | None:
+    """--resume_from_checkpoint: a checkpoint folder, `true` / `last` (the last complete one in
+    OUTPUT_DIR, an error if none), or `auto` (the same, or a fresh start if none: one command line
+    for a job that may be preempted and restarted)."""
+    if resume is None or str(resume).lower() in ("", "false", "none"):
+        return None
+    if str(resume).lower() in ("true", "last", "auto"):
+        last = last_complete_checkpoint(output_dir) if output_dir.is_dir() else None
+        if last is None and str(resume).lower() != "auto":
+            raise ValueError(f"--resume_from_checkpoint {resume}: no complete checkpoint in {output_dir}")
+        logger.info("resuming from %s", last or "scratch (no complete checkpoint yet)")
+        return last
+    if Path(resume).name.startswith("checkpoint-") and not checkpoint_is_complete(resume):
+        last = last_complete_checkpoint(Path(resume).parent)
+        raise ValueError(
+            f"{resume} is incomplete (no readable trainer_state.json for its step): the run stopped while "
+            f"writing it. Resume from {last or 'scratch'} instead (--resume_from_checkpoint auto picks it)."
+        )
+    return resume
+
+
 class MultimodalTrainer(Trainer):
     """`Trainer` with length grouping from precomputed lengths and a projector learning rate."""
 
     def __init__(self, *args, projector_lr: float | None = None, **kwargs):
         super().__init__(*args, **kwargs)
         self.projector_lr = projector_lr
+
+    def _save_checkpoint(self, model, trial):
+        # A folder for this step may be left from a run that resumed from an earlier checkpoint:
+        # its old trainer_state.json goes first, or a save cut off half-way would pass as complete.
+        if self.args.should_save:
+            folder = Path(self.args.output_dir) / f"checkpoint-{self.state.global_step}"
+            (folder / "trainer_state.json").unlink(missing_ok=True)
+        super()._save_checkpoint(model, trial)
 
     def _get_train_sampler(self, train_dataset=None):
         dataset = train_dataset if train_dataset is not None else self.train_dataset
@@ -294,7 +363,7 @@ def merge_and_save(trained, base: str, adapter_dir: Path, processor, out_dir: Pa
     """Load the base in full precision, merge the adapter into it, compare, save. Returns the report."""
     from peft import PeftModel
 
-    full = Phi3ProjectorForConditionalGeneration.from_pretrained(base, dtype=dtype)
+    full = Phi3ProjectorForConditionalGeneration.from_pretrained(base, dtype=dtype, use_safetensors=True)
     merged = PeftModel.from_pretrained(full, adapter_dir).merge_and_unload()
     merged.eval()
     trained.eval()
@@ -362,7 +431,7 @@ def train(model_args: ModelArguments, data_args: DataArguments, training_args: T
         projector_lr=model_args.projector_lr,
     )
     start = time.perf_counter()
-    result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+    result = trainer.train(resume_from_checkpoint=resolve_resume(training_args.resume_from_checkpoint, output_dir))
     seconds = time.perf_counter() - start
 
     summary = {
@@ -400,7 +469,7 @@ def train(model_args: ModelArguments, data_args: DataArguments, training_args: T
     if data_args.eval_data_path and (model_dir / "config.json").is_file():
         from phi3mm.evaluate import evaluate
 
-        final = Phi3ProjectorForConditionalGeneration.from_pretrained(model_dir).eval()
+        final = Phi3ProjectorForConditionalGeneration.from_pretrained(model_dir, use_safetensors=True).eval()
         rows = read_rows(data_args.eval_data_path)[: data_args.max_eval_samples]
         folders = dict(image_folder=data_args.image_folder, audio_folder=data_args.audio_folder)
         summary["eval"] = evaluate(final, processor, rows, **folders)
