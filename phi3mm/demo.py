@@ -31,7 +31,7 @@ DEMO = {
     "n_eval": 300,
     "hidden_size": 64,
     "stage1": {"epochs": 1, "lr": 1e-3},
-    "stage2": {"epochs": 20, "lr": 2e-3, "projector_lr": 2e-3, "lora_r": 32, "lora_alpha": 64},
+    "stage2": {"epochs": 12, "lr": 2e-3, "projector_lr": 2e-3, "lora_r": 32, "lora_alpha": 64},
     "batch_size": 16,
     "train_vision_tower": True,
     "train_audio_tower": True,
