@@ -148,6 +148,11 @@ class Phi3ProjectorModel(Phi3ProjectorPreTrainedModel):
 
         (images, 3, H, W) -> (images, patches [+1 CLS with strategy "full"], vision width)
         """
+        channels = self.config.vision_config.num_channels
+        if pixel_values.ndim != 4 or pixel_values.shape[0] == 0 or pixel_values.shape[1] != channels:
+            raise ValueError(
+                f"pixel_values must have shape (images >= 1, {channels}, height, width), got {tuple(pixel_values.shape)}"
+            )
         pixel_values = pixel_values.to(dtype=self.vision_tower.dtype)
         outputs = self.vision_tower(pixel_values, output_hidden_states=True, return_dict=True)
         features = outputs.hidden_states[self.config.vision_feature_layer]
@@ -189,10 +194,20 @@ class Phi3ProjectorModel(Phi3ProjectorPreTrainedModel):
         """
         if self.audio_tower is None:
             raise ValueError("this model has no audio tower (config.audio_config is None), so it cannot take audio")
+        mel_bins = self.config.audio_config.num_mel_bins
+        if input_features.ndim != 3 or input_features.shape[0] == 0 or input_features.shape[1] != mel_bins:
+            raise ValueError(
+                f"input_features must have shape (windows >= 1, {mel_bins}, frames), got {tuple(input_features.shape)}"
+            )
+        if tuple(input_features_mask.shape) != (input_features.shape[0], input_features.shape[2]):
+            raise ValueError(
+                f"input_features_mask must have shape (windows, frames) = {(input_features.shape[0], input_features.shape[2])}, "
+                f"got {tuple(input_features_mask.shape)}"
+            )
         input_features = input_features.to(dtype=self.audio_tower.dtype)
         frames = self.audio_tower(input_features, return_dict=True).last_hidden_state
         tokens = self.audio_projector(frames)
-        n_tokens = self.audio_token_counts(input_features_mask.sum(-1))
+        n_tokens = self.audio_token_counts(input_features_mask.long().sum(-1))
         return torch.cat([window[:n] for window, n in zip(tokens, n_tokens.tolist())])
 
     def audio_token_counts(self, mel_lengths: torch.Tensor) -> torch.Tensor:
@@ -228,6 +243,9 @@ class Phi3ProjectorModel(Phi3ProjectorPreTrainedModel):
     ) -> Phi3ProjectorModelOutput:
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids or inputs_embeds")
+        tokens = input_ids if input_ids is not None else inputs_embeds
+        if tokens.ndim != (2 if input_ids is not None else 3) or tokens.shape[1] == 0:
+            raise ValueError(f"expected a (batch, sequence >= 1) input, got one of shape {tuple(tokens.shape)}")
         has_images = pixel_values is not None or vision_features is not None
         has_audio = input_features is not None
         if (has_images or has_audio) and input_ids is None:

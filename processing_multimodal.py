@@ -23,7 +23,7 @@ import re
 from collections.abc import Sequence
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 from transformers import BatchFeature, ProcessorMixin
 
 try:
@@ -33,6 +33,18 @@ except ImportError:  # audio files can't be decoded, arrays still work
 
 SAMPLING_RATE = 16_000
 HOP_LENGTH = 160  # samples per mel frame at 16 kHz; the encoder halves the frames again
+# Bounds on what one upload may cost. A 100 MP image is ~300 MB decoded (a 10 kB PNG can claim far
+# more: a decompression bomb); 30 minutes of audio is 29 M samples at 16 kHz. Both are refused with
+# a ValueError above these.
+MAX_IMAGE_PIXELS = 100_000_000
+MAX_AUDIO_SECONDS = 30 * 60
+# Samples over all channels, whatever the rate: 30 minutes of 48 kHz stereo. A 20 MB FLAC of silence
+# can declare 30 minutes at 655 kHz, which would decode to 4.7 GB.
+MAX_AUDIO_SAMPLES = MAX_AUDIO_SECONDS * 48_000 * 2
+# CLIP resizes the short side to its input size and keeps the centre square, so a 1 x 100000 strip
+# would first become 336 x 33.6 M pixels; strips longer than this are cut to their middle first
+# (at 20:1 the resized strip is 336 x 6720 at most, 27 MB of floats).
+MAX_ASPECT_RATIO = 20
 
 # Phi-3.5's chat format, with content given as a string or as a list of image / audio / text parts;
 # the parts of one message are joined by newlines, in the order given.
@@ -57,7 +69,11 @@ CHAT_TEMPLATE = (
 
 
 def load_image(image, index: int = 0) -> Image.Image:
-    """A path, bytes, array or PIL image of any mode -> an RGB PIL image (ValueError if it is none)."""
+    """A path, bytes, array or PIL image of any mode -> an RGB PIL image.
+
+    ValueError, naming the image, when it is not one or has more than MAX_IMAGE_PIXELS; strips
+    longer than MAX_ASPECT_RATIO : 1 come back cut to their middle (see `crop_long_side`).
+    """
     try:
         if isinstance(image, (str, os.PathLike)):
             if not os.path.isfile(image):
@@ -76,14 +92,47 @@ def load_image(image, index: int = 0) -> Image.Image:
             if array.ndim not in (2, 3) or (array.ndim == 3 and array.shape[-1] not in (3, 4)):
                 raise ValueError(f"image {index}: an array image must be (H, W), (H, W, 3|4) or (3|4, H, W), got shape {array.shape}")
             image = Image.fromarray(np.clip(array, 0, 255).astype(np.uint8))
+        if image.width * image.height > MAX_IMAGE_PIXELS:  # the header's size, before decoding anything
+            raise ValueError(_too_many_pixels(index, image.width * image.height))
         image.load()  # decode now, so a truncated file fails here and not inside the image processor
-    except ValueError:
-        raise
-    except (UnidentifiedImageError, OSError, SyntaxError, Image.DecompressionBombError, TypeError) as error:
+        if min(image.size) >= 1:
+            image = to_rgb(image)
+    except ValueError as error:
+        if str(error).startswith(f"image {index}: "):
+            raise
         raise ValueError(f"image {index}: not a readable image ({error})") from None
+    except Image.DecompressionBombError as error:  # Pillow's own check, at twice its MAX_IMAGE_PIXELS
+        pixels = re.search(r"\((\d+) pixels\)", str(error))
+        raise ValueError(_too_many_pixels(index, int(pixels.group(1)) if pixels else None)) from None
+    except Exception as error:  # a corrupt file makes Pillow's decoders raise nearly anything
+        # (OSError, SyntaxError, IndexError, NotImplementedError, struct.error, EOFError, MemoryError...)
+        raise ValueError(f"image {index}: not a readable image ({type(error).__name__}: {error})") from None
     if min(image.size) < 1:
         raise ValueError(f"image {index}: empty image of size {image.size}")
-    return to_rgb(image)
+    return crop_long_side(image)
+
+
+def _too_many_pixels(index: int, pixels: int | None) -> str:
+    size = f"{pixels:,} pixels" if pixels else "too many pixels"
+    return f"image {index}: {size}, more than the {MAX_IMAGE_PIXELS:,} accepted (a decompression bomb, or an image to downscale first)"
+
+
+def crop_long_side(image: Image.Image, max_ratio: float = MAX_ASPECT_RATIO) -> Image.Image:
+    """Cut the long side of a strip to `max_ratio` times the short side, keeping the middle.
+
+    CLIP's resize-then-centre-crop sees the same middle square either way (give or take a fraction
+    of a pixel in where the resize samples); the cut only keeps its resize from allocating
+    short_side_px x (ratio x short_side_px) floats for a 1 x 100000 image.
+    """
+    width, height = image.size
+    short, long = min(width, height), max(width, height)
+    if long <= max_ratio * short:
+        return image
+    keep = int(max_ratio * short)
+    keep += (long - keep) % 2  # same parity as the long side, so the middle stays exactly centred
+    start = (long - keep) // 2
+    box = (start, 0, start + keep, height) if width > height else (0, start, width, start + keep)
+    return image.crop(box)
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
@@ -94,6 +143,8 @@ def to_rgb(image: Image.Image) -> Image.Image:
         image = Image.fromarray((np.clip(np.nan_to_num(array), 0, top) / top * 255).astype(np.uint8), "L")
     if image.mode == "P" or image.mode == "PA":
         image = image.convert("RGBA")
+    if image.mode == "La":  # premultiplied alpha: Pillow converts it to LA only
+        image = image.convert("LA")
     if image.mode in ("RGBA", "LA", "La", "RGBa"):
         image = image.convert("RGBA")
         background = Image.new("RGBA", image.size, (255, 255, 255, 255))
@@ -102,15 +153,38 @@ def to_rgb(image: Image.Image) -> Image.Image:
 
 
 def resample(wave: np.ndarray, orig_rate: int, new_rate: int) -> np.ndarray:
-    """Band-limited resampling by FFT: exact for any pair of rates, anti-aliased, numpy only."""
+    """Band-limited resampling by FFT: any pair of rates, anti-aliased, numpy only.
+
+    numpy's FFT is fast at lengths made of small primes and ~10x slower, with gigabytes of scratch
+    memory, at lengths with a large prime factor (5 minutes at 44101 Hz: 13,230,300 samples, a
+    factor 44101). So the clip is zero-padded at its end to the first length whose FFT and output
+    FFT are both fast, and the padding's output cut off again; the output rate is then `new_rate`
+    to within half a sample over the whole clip.
+    """
     if orig_rate == new_rate or wave.size == 0:
         return wave
-    n_out = max(1, round(wave.shape[-1] * new_rate / orig_rate))
-    spectrum = np.fft.rfft(wave)
-    kept = np.zeros(n_out // 2 + 1, dtype=spectrum.dtype)
+    n, ratio = wave.shape[-1], new_rate / orig_rate
+    n_out = max(1, round(n * ratio))
+    padded = n
+    while not (_fft_friendly(padded) and _fft_friendly(max(1, round(padded * ratio)))):
+        padded += 1
+    padded_out = max(1, round(padded * ratio))
+    spectrum = np.fft.rfft(wave, padded)
+    kept = np.zeros(padded_out // 2 + 1, dtype=spectrum.dtype)
     n_keep = min(len(spectrum), len(kept))
     kept[:n_keep] = spectrum[:n_keep]
-    return (np.fft.irfft(kept, n_out) * (n_out / wave.shape[-1])).astype(np.float32)
+    return (np.fft.irfft(kept, padded_out)[:n_out] * (padded_out / padded)).astype(np.float32)
+
+
+_SMALL_PRIMES = [p for p in range(2, 100) if all(p % d for d in range(2, p))]
+
+
+def _fft_friendly(n: int) -> bool:
+    """No prime factor above 97: numpy's pocketfft then never falls back to Bluestein's algorithm."""
+    for p in _SMALL_PRIMES:
+        while n % p == 0:
+            n //= p
+    return n == 1
 
 
 def load_audio(audio, index: int = 0, sampling_rate: int | None = None) -> np.ndarray:
@@ -127,9 +201,21 @@ def load_audio(audio, index: int = 0, sampling_rate: int | None = None) -> np.nd
             raise ValueError(f"audio {index}: no such file {os.fspath(audio)!r}")
         source = io.BytesIO(audio) if isinstance(audio, (bytes, bytearray)) else audio
         try:
+            info = soundfile.info(source)  # the header only: refuse hours of audio before decoding them
+            if info.samplerate > 0 and info.frames / info.samplerate > MAX_AUDIO_SECONDS:
+                raise ValueError(_too_long(index, info.frames / info.samplerate))
+            if info.frames * info.channels > MAX_AUDIO_SAMPLES:
+                raise ValueError(_too_many_samples(index, info.frames * info.channels))
+            if isinstance(source, io.BytesIO):
+                source.seek(0)
             audio, rate = soundfile.read(source, dtype="float32", always_2d=True)
+        except ValueError as error:
+            if str(error).startswith(f"audio {index}: "):
+                raise
+            raise ValueError(f"audio {index}: not a readable audio file ({error})") from None
         except Exception as error:  # soundfile raises its own LibsndfileError and RuntimeErrors
             raise ValueError(f"audio {index}: not a readable audio file ({error})") from None
+        audio = audio.mean(axis=1)  # a file's samples are (frames, channels), however few the frames
     elif isinstance(audio, dict):
         audio, rate = audio.get("array"), audio.get("sampling_rate", rate)
     elif isinstance(audio, tuple) and len(audio) == 2 and np.isscalar(audio[0]):
@@ -140,8 +226,10 @@ def load_audio(audio, index: int = 0, sampling_rate: int | None = None) -> np.nd
         wave = np.asarray(audio)
     except Exception as error:
         raise ValueError(f"audio {index}: not an array of samples ({error})") from None
-    if not isinstance(rate, (int, np.integer)) or not 1 <= rate <= 1_000_000:
+    if not isinstance(rate, (int, np.integer)) or isinstance(rate, bool) or not 1 <= rate <= 1_000_000:
         raise ValueError(f"audio {index}: sampling rate must be a positive int up to 1 MHz, got {rate!r}")
+    if wave.size > MAX_AUDIO_SAMPLES:  # before any copy is made
+        raise ValueError(_too_many_samples(index, wave.size))
     if wave.dtype.kind == "i":  # int16 and friends: full scale is 2 ** (bits - 1)
         wave = wave.astype(np.float64) / (np.iinfo(wave.dtype).max + 1)
     elif wave.dtype.kind == "u":  # unsigned (8-bit WAV): silence is mid-scale
@@ -154,9 +242,30 @@ def load_audio(audio, index: int = 0, sampling_rate: int | None = None) -> np.nd
         wave = wave.mean(axis=1 if wave.shape[1] <= wave.shape[0] else 0)
     elif wave.ndim != 1:
         raise ValueError(f"audio {index}: expected (samples,) or (samples, channels), got shape {wave.shape}")
+    if len(wave) > MAX_AUDIO_SECONDS * rate:  # bounds the resampling FFT and the feature windows
+        raise ValueError(_too_long(index, len(wave) / rate))
+    with np.errstate(over="ignore"):  # float64 samples beyond float32's range become inf: refused below
+        wave = wave.astype(np.float32)
     if not np.isfinite(wave).all():
-        raise ValueError(f"audio {index}: the clip contains NaN or infinite samples")
-    return resample(wave.astype(np.float32), int(rate), SAMPLING_RATE)
+        raise ValueError(f"audio {index}: the clip contains NaN or infinite samples (or samples beyond float32's range)")
+    peak = float(np.abs(wave).max())
+    if peak > 2.0**31:  # Whisper's log-mel overflows float32 (NaN features) from about 1e17
+        raise ValueError(
+            f"audio {index}: samples reach {peak:.3g}; float samples should lie in [-1, 1] "
+            "(at most 2**31: integer PCM passed as floats)"
+        )
+    return resample(wave, int(rate), SAMPLING_RATE)
+
+
+def _too_long(index: int, seconds: float) -> str:
+    return f"audio {index}: the clip is {seconds:,.0f} s long, more than the {MAX_AUDIO_SECONDS:,} s accepted"
+
+
+def _too_many_samples(index: int, samples: int) -> str:
+    return (
+        f"audio {index}: {samples:,} samples over all channels, more than the {MAX_AUDIO_SAMPLES:,} accepted "
+        f"({MAX_AUDIO_SECONDS // 60} minutes of 48 kHz stereo)"
+    )
 
 
 def split_windows(wave: np.ndarray, window: int) -> list[np.ndarray]:
@@ -237,7 +346,14 @@ class MultimodalProcessor(ProcessorMixin):
         """
         if text is None:
             raise ValueError("text is required: a prompt with one <image> / <audio> placeholder per image / clip")
-        texts = [text] if isinstance(text, str) else list(text)
+        texts = [text] if isinstance(text, str) else list(text) if isinstance(text, (list, tuple)) else None
+        if not texts or not all(isinstance(t, str) for t in texts):
+            raise ValueError(f"text must be a string or a non-empty list of strings, got {type(text).__name__} {text!r:.80}")
+        for i, t in enumerate(texts):
+            try:
+                t.encode("utf-8")
+            except UnicodeEncodeError as error:  # a lone surrogate: the tokenizer would raise a TypeError
+                raise ValueError(f"prompt {i} is not valid Unicode text ({error})") from None
         images, clips = _flatten(images), _flatten(audio)
         n_image_slots = sum(t.count(self.image_token) for t in texts)
         n_audio_slots = sum(t.count(self.audio_token) for t in texts)
@@ -261,6 +377,8 @@ class MultimodalProcessor(ProcessorMixin):
         limit = max_length or self.tokenizer.model_max_length
         for i, ids in enumerate(encoded["input_ids"]):
             real = sum(encoded["attention_mask"][i]) if "attention_mask" in encoded else len(ids)
+            if real == 0:
+                raise ValueError(f"prompt {i} is empty: it has no tokens for the model to read")
             if limit and real > limit:
                 raise ValueError(
                     f"prompt {i} is {real} tokens long (media included), more than the model's context of {limit} tokens; "

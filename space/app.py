@@ -98,7 +98,8 @@ def load_model(model_id: str, dtype: str = "auto") -> tuple[Any, Any]:
         dtype = getattr(torch, dtype)
     try:
         processor = AutoProcessor.from_pretrained(model_id, trust_remote_code=True)
-        model = AutoModelForCausalLM.from_pretrained(model_id, trust_remote_code=True, dtype=dtype)
+        # safetensors only: a pickled pytorch_model.bin could run code while it loads.
+        model = AutoModelForCausalLM.from_pretrained(model_id, trust_remote_code=True, dtype=dtype, use_safetensors=True)
     except Exception as error:  # OSError (not found / offline), ValueError (not this model), ImportError...
         reason = " ".join(str(error).split()) or type(error).__name__
         raise ModelLoadError(
