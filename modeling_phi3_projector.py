@@ -14,7 +14,6 @@ positions with one `masked_scatter` per modality. The module layout (`model.visi
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch

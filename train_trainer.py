@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import os
 import re
 import resource
@@ -196,7 +195,6 @@ def prepare_for_training(model, model_args: ModelArguments, training_args: Train
             getattr(model.model, name).requires_grad_(True)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
-    logger.info("trainable params: %s || all params: %s || trainable%%: %.4f", f"{trainable:,}", f"{total:,}", 100 * trainable / total)
     print(f"trainable params: {trainable:,} || all params: {total:,} || trainable%: {100 * trainable / total:.4f}")
     return model
 
@@ -369,7 +367,7 @@ def merge_and_save(trained, base: str, adapter_dir: Path, processor, out_dir: Pa
     trained.eval()
     report = compare_logits(trained, merged, samples)
     save_checkpoint(merged, processor, out_dir)
-    return merged, report
+    return report
 
 
 def write_model_card(out_dir: Path, summary: dict) -> None:
@@ -456,12 +454,12 @@ def train(model_args: ModelArguments, data_args: DataArguments, training_args: T
         return summary
 
     model_dir = output_dir / "model"
-    samples = [trainer.data_collator([dataset[i] for i in range(j, min(j + 2, len(dataset)))]) for j in (0, 2) if j < len(dataset)]
     if hasattr(model, "peft_config"):
         adapter_dir = output_dir / "adapter"
         if model_args.merge:
+            samples = [trainer.data_collator([dataset[i] for i in range(j, min(j + 2, len(dataset)))]) for j in (0, 2) if j < len(dataset)]
             dtype = torch.bfloat16 if training_args.bf16 else torch.float32
-            merged, summary["merge"] = merge_and_save(trainer.model, base, adapter_dir, processor, model_dir, samples, dtype)
+            summary["merge"] = merge_and_save(trainer.model, base, adapter_dir, processor, model_dir, samples, dtype)
             print(f"merged vs trained: {summary['merge']}")
     else:
         save_checkpoint(trainer.model, processor, model_dir)

@@ -11,6 +11,7 @@ below only write small random components to folders, which then take that same r
 from __future__ import annotations
 
 import contextlib
+import inspect
 import os
 from pathlib import Path
 
@@ -269,7 +270,8 @@ def make_tiny_components(
 
 def build_tiny_model(work_dir: str | os.PathLike, with_audio: bool = True, **options):
     """Tiny components in `work_dir`, then the same `build_model_and_processor` a real run uses."""
-    component_options = {k: options.pop(k) for k in list(options) if k in make_tiny_components.__code__.co_varnames}
+    component_keys = inspect.signature(make_tiny_components).parameters
+    component_options = {k: options.pop(k) for k in list(options) if k in component_keys}
     paths = make_tiny_components(work_dir, with_audio=with_audio, **component_options)
     return build_model_and_processor(paths["text"], paths["vision"], paths.get("audio"), **options)
 

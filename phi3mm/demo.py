@@ -36,8 +36,7 @@ DEMO = {
     "train_vision_tower": True,
     "train_audio_tower": True,
 }
-QUICK = {**DEMO, "n_train": 400, "n_eval": 60,
-         "stage1": {"epochs": 1, "lr": 1e-3}, "stage2": {**DEMO["stage2"], "epochs": 2}}  # fmt: skip
+QUICK = {**DEMO, "n_train": 400, "n_eval": 60, "stage2": {**DEMO["stage2"], "epochs": 2}}
 
 
 def training_args(output_dir: Path, epochs: float, lr: float, batch_size: int, seed: int) -> TrainingArguments:

@@ -16,7 +16,6 @@ beeps, and "multi" (2-3 turns about one image, training split only).
 from __future__ import annotations
 
 import argparse
-import colorsys
 import json
 from pathlib import Path
 from typing import Callable
