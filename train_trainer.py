@@ -357,15 +357,51 @@ def compare_logits(reference, candidate, batches: list[dict]) -> dict:
             "top1_agreement": sum(agree) / len(agree)}
 
 
+def quantized_linears(model) -> list[tuple[str, torch.nn.Module]]:
+    import bitsandbytes as bnb
+
+    return [(name, module) for name, module in model.named_modules() if isinstance(module, bnb.nn.Linear4bit)]
+
+
+def use_compute_dtype_on_cpu(model) -> None:
+    """Make 4-bit layers compute in their compute dtype on the CPU, as they do on a GPU.
+
+    On CPUs with AVX512-BF16, bitsandbytes repacks a 4-bit weight for a bf16 kernel the first time
+    the layer runs in eval mode without grad; that kernel's rounding (~1e-2 on a logit) would hide
+    what a merge comparison is meant to show.
+    """
+    for _, module in quantized_linears(model):
+        module.support_avx512bf16_for_cpu = False
+
+
+def copy_dequantized_weights(target, trained) -> int:
+    """Overwrite `target`'s linears with the dequantized 4-bit weights of `trained`; returns how many.
+
+    The adapter was trained against the NF4 weights, not the original ones: merging it into the
+    original full-precision base would add the quantization error of every layer back in.
+    """
+    import bitsandbytes as bnb
+
+    for name, module in quantized_linears(trained):
+        if getattr(module.weight.quant_state, "packing_format_for_cpu", False):
+            module.state_dict()  # saving restores bitsandbytes' standard layout from its CPU inference one
+        weight = bnb.functional.dequantize_4bit(module.weight.data, module.weight.quant_state)
+        path = name.removeprefix("base_model.model.").removesuffix(".base_layer")
+        target.get_submodule(path).weight.data.copy_(weight)
+    return len(quantized_linears(trained))
+
+
 def merge_and_save(trained, base: str, adapter_dir: Path, processor, out_dir: Path, samples: list[dict], dtype):
-    """Load the base in full precision, merge the adapter into it, compare, save. Returns the report."""
+    """Dequantize the trained base into full precision, merge the adapter, compare, save. Returns the report."""
     from peft import PeftModel
 
     full = Phi3ProjectorForConditionalGeneration.from_pretrained(base, dtype=dtype, use_safetensors=True)
+    dequantized = copy_dequantized_weights(full, trained)
     merged = PeftModel.from_pretrained(full, adapter_dir).merge_and_unload()
     merged.eval()
     trained.eval()
-    report = compare_logits(trained, merged, samples)
+    use_compute_dtype_on_cpu(trained)
+    report = {**compare_logits(trained, merged, samples), "dequantized_linears": dequantized}
     save_checkpoint(merged, processor, out_dir)
     return report
 
