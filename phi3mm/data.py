@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import multiprocessing
 import os
 from collections import Counter
 from pathlib import Path
@@ -84,10 +85,14 @@ def row_messages(row: dict, image_token: str = "<image>", audio_token: str = "<a
     return messages
 
 
+DECODE_REASONS = ("unreadable image", "unreadable audio", "too long", "bad row")  # failures on access
+
+
 class LlavaDataset(torch.utils.data.Dataset):
     """Rows checked up front; items decoded and tokenized on access.
 
-    `skipped` counts dropped rows by reason (missing file, unreadable image, too long, ...).
+    `skipped` counts dropped rows by reason (missing file, unreadable image, too long, ...),
+    including those that failed inside DataLoader worker processes.
     """
 
     def __init__(
@@ -106,8 +111,7 @@ class LlavaDataset(torch.utils.data.Dataset):
         self.max_length = max_length
         self.strict = strict
         self.vision_cache = vision_cache
-        self.skipped: Counter = Counter()
-        self.failed: set[int] = set()  # positions in `rows` that failed on access (counted once)
+        self.checked: Counter = Counter()  # rows dropped up front, by reason
         self.rows = []
         for index, row in enumerate(rows):
             try:
@@ -119,9 +123,12 @@ class LlavaDataset(torch.utils.data.Dataset):
                     if not path.is_file():
                         raise _Skip("missing audio", path)
             except (ValueError, _Skip) as error:
-                self._skip(error, index, row)
+                self.checked[self._reason(error, index, row)] += 1
                 continue
             self.rows.append(row)
+        # Rows that fail on access, as an index into DECODE_REASONS + 1 (0: not failed). Shared
+        # memory, so failures met inside DataLoader worker processes are counted here too.
+        self.failures = multiprocessing.RawArray("b", len(self.rows))
         if self.skipped:
             logger.warning("skipped %d of %d rows: %s", sum(self.skipped.values()), len(rows), dict(self.skipped))
         self.lengths = self._token_counts()
@@ -130,11 +137,16 @@ class LlavaDataset(torch.utils.data.Dataset):
         folder = self.image_folder if key == "image" else self.audio_folder
         return [(folder / name) if folder else Path(name) for name in _as_list(row.get(key))]
 
-    def _skip(self, error: Exception, index: int, row: dict) -> None:
-        reason = error.reason if isinstance(error, _Skip) else "bad row"
+    @property
+    def skipped(self) -> Counter:
+        """Dropped rows by reason (missing file, unreadable image, too long, ...), each counted once."""
+        failed = Counter(DECODE_REASONS[code - 1] for code in self.failures if code)
+        return self.checked + failed
+
+    def _reason(self, error: Exception, index: int, row: dict) -> str:
         if self.strict:
             raise ValueError(f"row {index} (id {row.get('id')!r}): {error}") from None
-        self.skipped[reason] += 1
+        return error.reason if isinstance(error, _Skip) else "bad row"
 
     def _token_counts(self) -> list[int]:
         """Tokens per row for length-grouped batching, without decoding any media.
@@ -170,14 +182,13 @@ class LlavaDataset(torch.utils.data.Dataset):
         # replaced by the next one, so batches keep their size and the run goes on.
         for offset in range(len(self.rows)):
             position = (index + offset) % len(self.rows)
-            if position in self.failed:
+            if self.failures[position]:
                 continue
             row = self.rows[position]
             try:
                 return self.encode_row(row)
             except (ValueError, _Skip) as error:
-                self.failed.add(position)
-                self._skip(error, position, row)
+                self.failures[position] = DECODE_REASONS.index(self._reason(error, position, row)) + 1
         raise ValueError("no usable row in the data set")
 
     def encode_row(self, row: dict) -> dict:

@@ -75,7 +75,7 @@ def test_labels_are_exactly_the_answers_and_their_end_tokens(processor):
     prompt = processor.apply_chat_template(MESSAGES, tokenize=False)
     prompt = prompt[: -len(processor.tokenizer.eos_token)]  # training sequences carry no trailing eos
     assert processor(text=prompt, images=[shape_image()], audio=[tone(seconds=1.0)])["input_ids"][0].tolist() == ids
-    assert item["pixel_values"].shape == (1, 3, 56, 56)
+    assert item["pixel_values"].shape == (1, 3, 64, 64)  # the tiny CLIP's input size
     assert item["input_features"].shape == (1, 80, 3000)
     assert item["input_features_mask"].sum().item() == 100  # 1 s of 10 ms mel frames
 
@@ -196,6 +196,23 @@ def test_missing_and_corrupt_media_are_skipped_and_counted(processor, media):
     for _ in range(2):
         [dataset[i] for i in range(len(dataset))]
     assert dataset.skipped == {"missing image": 1, "missing audio": 1, "unreadable image": 1}
+
+
+@pytest.mark.parametrize("start_method", ["fork", "spawn"])
+def test_rows_that_fail_in_dataloader_workers_are_counted_in_the_main_process(processor, media, start_method):
+    good = (media / "a.png").read_bytes()
+    (media / "half.png").write_bytes(good[: len(good) // 2])
+    (media / "noise.wav").write_bytes(b"RIFF" + bytes(100))
+    rows = [row("ok", "<image>\nWhat color?", "red.", image="a.png"),
+            row("corrupt", "<image>\nWhat color?", "red.", image="half.png"),
+            row("corrupt-audio", "<audio>\nHigh or low?", "low.", audio="noise.wav"),
+            row("ok-audio", "<audio>\nHigh or low?", "low.", audio="t.wav")]
+    dataset = LlavaDataset(rows, processor, media, media)
+    assert not dataset.skipped
+    loader = torch.utils.data.DataLoader(dataset, batch_size=2, num_workers=2, collate_fn=list,
+                                         multiprocessing_context=start_method)
+    assert sum(len(batch) for batch in loader) == 4  # stand-ins keep the batches full
+    assert dataset.skipped == {"unreadable image": 1, "unreadable audio": 1}
 
 
 def test_strict_raises_naming_the_row(processor, media):
