@@ -189,11 +189,13 @@ def make_tiny_components(
     out_dir: str | os.PathLike,
     hidden_size: int = 64,
     num_layers: int = 2,
-    image_size: int = 56,
-    patch_size: int = 14,
+    image_size: int = 64,
+    patch_size: int = 16,
     with_audio: bool = True,
     audio_window_seconds: int = 30,
     spare_embedding_rows: bool = True,
+    vision_width: int | None = None,
+    initializer_range: float | None = None,
     seed: int = 0,
 ) -> dict[str, Path]:
     """Write a tiny Phi-3 LM + tokenizer, a tiny CLIP and a tiny Whisper to `out_dir/{text,vision,audio}`.
@@ -221,6 +223,7 @@ def make_tiny_components(
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.convert_tokens_to_ids("<|end|>"),
         tie_word_embeddings=False,
+        initializer_range=initializer_range or 0.5 / hidden_size**0.5,
     )
     paths = {"text": out_dir / "text", "vision": out_dir / "vision"}
     language_model = Phi3ForCausalLM(text_config)
@@ -232,19 +235,25 @@ def make_tiny_components(
     tokenizer.save_pretrained(paths["text"])
 
     width = hidden_size // 2
+    vision_width = vision_width or hidden_size
     clip_config = CLIPConfig(
         text_config=dict(hidden_size=width, intermediate_size=width * 2, num_hidden_layers=1, num_attention_heads=2, vocab_size=99, bos_token_id=0, eos_token_id=1, pad_token_id=1),
         vision_config=dict(
-            hidden_size=width,
-            intermediate_size=width * 2,
+            hidden_size=vision_width,
+            intermediate_size=vision_width * 2,
             num_hidden_layers=num_layers,
             num_attention_heads=2,
             image_size=image_size,
             patch_size=patch_size,
         ),
-        projection_dim=width,
+        projection_dim=vision_width,
     )
-    CLIPModel(clip_config).save_pretrained(paths["vision"])
+    clip = CLIPModel(clip_config)
+    # CLIP initialises position embeddings at std 0.02, ~28x below what a 16x16 patch's content
+    # embedding carries (std ~0.56 for unit-variance pixels), so a random tower all but erases where
+    # a patch is; a trained CLIP's position embeddings are on the scale of its patch embeddings.
+    torch.nn.init.normal_(clip.vision_model.embeddings.position_embedding.weight, std=0.5)
+    clip.save_pretrained(paths["vision"])
     CLIPImageProcessorPil(
         size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size}
     ).save_pretrained(paths["vision"])

@@ -24,14 +24,17 @@ from transformers import TrainingArguments
 from phi3mm.demo_data import make_demo_dataset, make_independent_eval
 
 # Why these values: the tiny model's language model is random, so stage 2 has to teach it the
-# answers from scratch; a rank close to the width, a high learning rate and a trainable vision
-# tower (random CLIP features blur shapes) are what get it past 95% in a few CPU minutes.
+# answers from scratch; a LoRA rank close to the width and a trainable vision tower (random CLIP
+# features blur shapes) get it there. Stage 1 trains the projectors only, as LLaVA's does: a tower
+# trained against a frozen random LM learns features that stage 2 then has to unlearn (position
+# fell to 57-77% held-out that way). 12,000 rows seen 5 times, not 4,000 seen 12 times: with fewer
+# distinct images the trainable tower memorises shapes (train 95%, held-out 80%).
 DEMO = {
-    "n_train": 4000,
+    "n_train": 12000,
     "n_eval": 300,
     "hidden_size": 64,
     "stage1": {"epochs": 1, "lr": 1e-3},
-    "stage2": {"epochs": 12, "lr": 2e-3, "projector_lr": 2e-3, "lora_r": 32, "lora_alpha": 64},
+    "stage2": {"epochs": 5, "lr": 1e-3, "projector_lr": 1e-3, "lora_r": 32, "lora_alpha": 64},
     "batch_size": 16,
     "train_vision_tower": True,
     "train_audio_tower": True,
@@ -78,7 +81,6 @@ def run_demo(out_dir: str | Path = "outputs/demo", quick: bool = False, seed: in
             tiny_hidden_size=settings["hidden_size"],
             tiny_audio_window_seconds=2,  # the clips are under 2 s: no need to encode 28 s of padding
             stage="pretrain",
-            **towers,
         ),
         DataArguments(data_path=str(data["train"]), max_length=512, **folders),
         training_args(out_dir / "stage1", settings["stage1"]["epochs"], settings["stage1"]["lr"], settings["batch_size"], seed),

@@ -35,7 +35,12 @@ def analyse_image(path: Path) -> dict[str, str]:
     hue = colorsys.rgb_to_hsv(r, g, b)[0] * 360
     color = "red" if hue < 20 or hue > 340 else "yellow" if 35 < hue < 70 else \
         "green" if 90 < hue < 160 else "blue" if 200 < hue < 260 else f"hue={hue:.0f}"
-    fill = mask.sum() / ((np.ptp(xs) + 1) * (np.ptp(ys) + 1))
+    # Fill ratio from coverage, not from a thresholded mask: a sub-pixel edge row of a square would
+    # otherwise count in its bounding box but hardly in its area. A column's width is its largest
+    # coverage, so partly covered edge columns count by the fraction covered.
+    alpha = np.clip(diff / np.median(diff[mask]), 0, 1)
+    alpha[alpha < 0.1] = 0  # background noise
+    fill = alpha.sum() / (alpha.max(0).sum() * alpha.max(1).sum())
     shape = "square" if fill > 0.9 else "circle" if 0.68 < fill <= 0.9 else "triangle" if fill < 0.65 else f"{fill=}"
     half = a.shape[1] / 2
     side = "left" if xs.max() < half else "right" if xs.min() >= half else "straddles"

@@ -96,7 +96,7 @@ def test_export_is_plain_llava_without_audio(exported):
     assert config["model_type"] == "llava" and config["architectures"] == ["LlavaForConditionalGeneration"]
     assert "audio_config" not in config and config["text_config"]["architectures"] == ["Phi3ForCausalLM"]
     assert config["image_token_index"] == ours["image_token_id"]
-    assert config["image_seq_length"] == 16  # (56 / 14) ** 2 patches, CLS dropped
+    assert config["image_seq_length"] == 16  # (64 / 16) ** 2 patches, CLS dropped
     for name in ("vision_feature_layer", "vision_feature_select_strategy", "projector_hidden_act", "multimodal_projector_bias"):
         assert config[name] == ours[name]
     # nothing points at our remote code, and no feature extractor came along

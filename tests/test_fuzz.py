@@ -461,14 +461,14 @@ def test_model_forward_on_whatever_the_processor_makes(tiny, words, n_images, cl
 
 @fuzz(max_examples=80)
 @given(
-    pixel_shape=st.one_of(st.none(), st.lists(st.integers(0, 60), min_size=1, max_size=5).map(tuple)),
+    pixel_shape=st.one_of(st.none(), st.lists(st.integers(0, 68), min_size=1, max_size=5).map(tuple)),
     feature_shape=st.one_of(st.none(), st.lists(st.integers(0, 3000), min_size=1, max_size=4).map(tuple)),
     mask_shape=st.one_of(st.none(), st.lists(st.integers(0, 3000), min_size=1, max_size=3).map(tuple)),
     mask_dtype=st.sampled_from([torch.long, torch.float32, torch.bool]),
     with_ids=st.sampled_from(["image", "audio", "both", "empty"]),
 )
-@example(pixel_shape=(1, 4, 56, 56), feature_shape=None, mask_shape=None, mask_dtype=torch.long, with_ids="image")
-@example(pixel_shape=(0, 3, 56, 56), feature_shape=None, mask_shape=None, mask_dtype=torch.long, with_ids="image")
+@example(pixel_shape=(1, 4, 64, 64), feature_shape=None, mask_shape=None, mask_dtype=torch.long, with_ids="image")
+@example(pixel_shape=(0, 3, 64, 64), feature_shape=None, mask_shape=None, mask_dtype=torch.long, with_ids="image")
 @example(pixel_shape=None, feature_shape=(1, 80, 3000), mask_shape=(2, 3000), mask_dtype=torch.float32, with_ids="audio")
 @example(pixel_shape=None, feature_shape=(80, 3000), mask_shape=(1, 3000), mask_dtype=torch.long, with_ids="audio")
 def test_model_forward_on_malformed_media_tensors(tiny, pixel_shape, feature_shape, mask_shape, mask_dtype, with_ids):

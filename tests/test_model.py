@@ -140,7 +140,7 @@ def test_image_token_pooling_gives_a_quarter_of_the_tokens(tmp_path):
 
     model, processor = build_tiny_model(tmp_path, with_audio=False, image_token_pooling=2)
     inputs = encode(processor, USER.format("<image>\nWhat?"), [shape_image()])
-    assert processor.image_seq_length == model.config.image_seq_length == 4  # (56 / 14 / 2) ** 2
+    assert processor.image_seq_length == model.config.image_seq_length == 4  # (64 / 16 / 2) ** 2
     with torch.no_grad():
         features = model.model.select_vision_features(inputs["pixel_values"])
         pooled = model.get_image_features(vision_features=features)
