@@ -382,13 +382,14 @@ def copy_dequantized_weights(target, trained) -> int:
     """
     import bitsandbytes as bnb
 
-    for name, module in quantized_linears(trained):
+    linears = quantized_linears(trained)
+    for name, module in linears:
         if getattr(module.weight.quant_state, "packing_format_for_cpu", False):
             module.state_dict()  # saving restores bitsandbytes' standard layout from its CPU inference one
         weight = bnb.functional.dequantize_4bit(module.weight.data, module.weight.quant_state)
         path = name.removeprefix("base_model.model.").removesuffix(".base_layer")
         target.get_submodule(path).weight.data.copy_(weight)
-    return len(quantized_linears(trained))
+    return len(linears)
 
 
 def merge_and_save(trained, base: str, adapter_dir: Path, processor, out_dir: Path, samples: list[dict], dtype):

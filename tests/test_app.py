@@ -24,6 +24,7 @@ import soundfile as sf
 import torch
 
 from phi3mm.build import build_tiny_model, save_checkpoint
+from phi3mm.load_test import stop_app
 from space import app
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -403,12 +404,7 @@ def test_command_line_app_answers_a_message_only_call(checkpoint, tmp_path):
             reply = client.predict(message, api_name="/chat")
             assert isinstance(reply, str) and reply.strip()
         finally:
-            process.terminate()
-            try:
-                process.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait(timeout=15)
+            stop_app(process)
 
 
 def spy_on_prompts(assistant: app.Assistant, monkeypatch) -> list[tuple[list, object]]:
