@@ -132,6 +132,12 @@ class Phi3ProjectorConfig(PretrainedConfig):
         return self.vision_config.image_size // self.vision_config.patch_size
 
     @property
+    def vision_layers_used(self) -> int:
+        """Vision tower layers the features depend on: `vision_feature_layer` as an index into the
+        tower's hidden states (0 = the embeddings), so -2 on a 24-layer tower is 23."""
+        return self.vision_feature_layer % (self.vision_config.num_hidden_layers + 1)
+
+    @property
     def image_seq_length(self) -> int:
         """Tokens one image takes in the language model's input."""
         side = self.patches_per_side // self.image_token_pooling

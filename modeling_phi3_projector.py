@@ -152,12 +152,40 @@ class Phi3ProjectorModel(Phi3ProjectorPreTrainedModel):
             raise ValueError(
                 f"pixel_values must have shape (images >= 1, {channels}, height, width), got {tuple(pixel_values.shape)}"
             )
-        pixel_values = pixel_values.to(dtype=self.vision_tower.dtype)
-        outputs = self.vision_tower(pixel_values, output_hidden_states=True, return_dict=True)
-        features = outputs.hidden_states[self.config.vision_feature_layer]
+        features = self._vision_hidden_state(pixel_values.to(dtype=self.vision_tower.dtype))
         if self.config.vision_feature_select_strategy == "default":
             features = features[:, 1:]
         return features
+
+    @property
+    def _tower_is_clip(self) -> bool:
+        # From the config, not isinstance: PEFT's modules_to_save wraps the tower in a module that
+        # is no CLIPVisionModel but hands attribute lookups (embeddings, encoder) to the trained copy.
+        return self.config.vision_config.model_type == "clip_vision_model"
+
+    def _vision_hidden_state(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """The tower's hidden state at `vision_feature_layer`, running only the layers it depends on.
+
+        LLaVA runs the whole tower and keeps the penultimate layer, so CLIP-L's last layer (1/24 of
+        the tower) is computed and thrown away; here, as in vLLM, it is not run at all. The result is
+        the same tensor as `hidden_states[vision_feature_layer]` of a full forward.
+        """
+        tower, n_layers = self.vision_tower, self.config.vision_layers_used
+        if not self._tower_is_clip:  # another tower: its own forward, all layers
+            return tower(pixel_values, output_hidden_states=True, return_dict=True).hidden_states[n_layers]
+        hidden = tower.pre_layrnorm(tower.embeddings(pixel_values))
+        for layer in tower.encoder.layers[:n_layers]:
+            hidden = layer(hidden, None)  # no attention mask: every patch sees every patch
+        return hidden
+
+    def unused_vision_modules(self) -> list[nn.Module]:
+        """Parts of the vision tower no feature depends on: the layers after `vision_feature_layer`
+        and CLIP's post-layernorm. They get no gradient, so training freezes them (DDP requires
+        every trainable parameter to receive one)."""
+        tower = self.vision_tower
+        if not self._tower_is_clip:
+            return []
+        return [*tower.encoder.layers[self.config.vision_layers_used :], tower.post_layernorm]
 
     def get_image_features(
         self, pixel_values: torch.Tensor | None = None, vision_features: torch.Tensor | None = None

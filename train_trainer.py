@@ -193,6 +193,11 @@ def prepare_for_training(model, model_args: ModelArguments, training_args: Train
             model.lm_head.requires_grad_(True)
         for name in trained_in_full(model, model_args):
             getattr(model.model, name).requires_grad_(True)
+    # Tower parts no feature depends on would get no gradient, which DDP rejects. (The benchmark
+    # also prepares transformers' LLaVA here, which has no such list.)
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    for module in getattr(base.model, "unused_vision_modules", list)():
+        module.requires_grad_(False)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
     print(f"trainable params: {trainable:,} || all params: {total:,} || trainable%: {100 * trainable / total:.4f}")

@@ -275,11 +275,21 @@ def text_matmul_params(text_config) -> int:
     return layers * per_layer + d * text_config.vocab_size  # + lm_head
 
 
-def vision_matmul_params(vision_config) -> int:
-    """Weights of the CLIP tower that multiply every token: patch embedding and the layers."""
-    d, inter, layers = vision_config.hidden_size, vision_config.intermediate_size, vision_config.num_hidden_layers
+def vision_matmul_params(vision_config, layers: int | None = None) -> int:
+    """Weights of the CLIP tower that multiply every token: patch embedding and `layers` layers (all)."""
+    d, inter = vision_config.hidden_size, vision_config.intermediate_size
+    layers = vision_config.num_hidden_layers if layers is None else layers
     patch = vision_config.num_channels * vision_config.patch_size**2 * d
     return patch + layers * (4 * d * d + 2 * d * inter)
+
+
+def vision_tower_flops(config, layers: int | None = None) -> int:
+    """Forward FLOPs of one image through the tower's first `layers` layers. Ours runs up to the
+    feature layer (`config.vision_layers_used`, the default); LLaVA runs them all."""
+    vis = config.vision_config
+    layers = config.vision_layers_used if layers is None else layers
+    tokens = config.patches_per_side**2 + 1  # the tower always sees the CLS token
+    return 2 * vision_matmul_params(vis, layers) * tokens + attention_flops(layers, vis.hidden_size, tokens)
 
 
 def projector_matmul_params(config) -> int:
@@ -293,19 +303,19 @@ def attention_flops(layers: int, width: int, seq_len: int) -> int:
 
 
 def training_step_flops(config, batch_size: int, seq_len: int, images_per_row: int = 1, vision: str = "tower",
-                        lm_trainable: bool = True) -> dict[str, int]:
+                        lm_trainable: bool = True, tower_layers: int | None = None) -> dict[str, int]:
     """Model FLOPs of one training step (forward + backward), by part.
 
     Forward is 2 x matmul weights x tokens plus attention; backward is twice the forward for what
     is trained (`lm_trainable`: gradients of the weights and of the activations) and once for a
     frozen LM that passes gradients down to the projector (QLoRA: activation gradients only).
-    The vision tower is frozen: forward only with `vision="tower"`, nothing with `"features"`.
+    The vision tower is frozen: forward only with `vision="tower"` (`tower_layers` as in
+    `vision_tower_flops`), nothing with `"features"`.
     Gradient-checkpointing recomputation is not counted (model FLOPs, not hardware FLOPs).
     """
-    text, vis = config.text_config, config.vision_config
+    text = config.text_config
     lm_forward = batch_size * (2 * text_matmul_params(text) * seq_len + attention_flops(text.num_hidden_layers, text.hidden_size, seq_len))
     n_images = batch_size * images_per_row
-    vision_tokens = config.patches_per_side**2 + 1  # the tower always sees the CLS token
     projector_tokens = config.image_seq_length * (config.image_token_pooling**2)  # it runs before pooling
     flops = {
         "language_model": lm_forward * (3 if lm_trainable else 2),
@@ -313,8 +323,7 @@ def training_step_flops(config, batch_size: int, seq_len: int, images_per_row: i
         "vision_tower": 0,
     }
     if vision == "tower":
-        flops["vision_tower"] = n_images * (2 * vision_matmul_params(vis) * vision_tokens
-                                            + attention_flops(vis.num_hidden_layers, vis.hidden_size, vision_tokens))
+        flops["vision_tower"] = n_images * vision_tower_flops(config, tower_layers)
     flops["total"] = sum(flops.values())
     return flops
 
@@ -322,14 +331,13 @@ def training_step_flops(config, batch_size: int, seq_len: int, images_per_row: i
 def prefill_flops(config, prompt_tokens: int, vision: str = "tower") -> int:
     """Model FLOPs of one prefill forward: every prompt token through the LM body, the head for the
     last one only (`logits_to_keep=1`), the projector and (with `vision="tower"`) the tower."""
-    text, vis = config.text_config, config.vision_config
+    text = config.text_config
     head = text.hidden_size * text.vocab_size
     flops = 2 * (text_matmul_params(text) - head) * prompt_tokens + 2 * head
     flops += attention_flops(text.num_hidden_layers, text.hidden_size, prompt_tokens)
     flops += 2 * projector_matmul_params(config) * config.image_seq_length * config.image_token_pooling**2
     if vision == "tower":
-        tokens = config.patches_per_side**2 + 1
-        flops += 2 * vision_matmul_params(vis) * tokens + attention_flops(vis.num_hidden_layers, vis.hidden_size, tokens)
+        flops += vision_tower_flops(config)
     return flops
 
 
@@ -677,13 +685,15 @@ def bench_training(m: Models, device: str, repeats: int, log=print) -> dict:
     feature_batch = {k: v for k, v in batch.items() if k != "pixel_values"} | {"vision_features": features}
     pool_batch = pooled_batch(batch, m.ours.config, m.pooled.config)
 
-    tower_calls = {"n": 0}
-    hook = m.ours.model.vision_tower.register_forward_hook(lambda *a: tower_calls.__setitem__("n", tower_calls["n"] + 1))
+    tower_calls = {"n": 0}  # counted at the patch embedding: ours runs the tower's parts, not its forward
+    hook = m.ours.model.vision_tower.embeddings.register_forward_hook(lambda *a: tower_calls.__setitem__("n", tower_calls["n"] + 1))
 
-    def features_step():
-        before = tower_calls["n"]
-        out = train_step_fn(m.ours, feature_batch, device=device)()
-        return out | {"tower_calls": tower_calls["n"] - before}
+    def counting_tower_calls(step):
+        def run():
+            before = tower_calls["n"]
+            return step() | {"tower_calls": tower_calls["n"] - before}
+
+        return run
 
     def tower():
         with torch.no_grad():
@@ -692,9 +702,9 @@ def bench_training(m: Models, device: str, repeats: int, log=print) -> dict:
     # The matmul that sets the arithmetic limit runs in the same rounds, under the same load.
     matmul, matmul_flops = matmul_fn(device, m.dtype)
     fns = {
-        "ours": train_step_fn(m.ours, batch, device=device),
+        "ours": counting_tower_calls(train_step_fn(m.ours, batch, device=device)),
         "llava": train_step_fn(m.llava, llava_batch, device=device),
-        "ours_features": features_step,
+        "ours_features": counting_tower_calls(train_step_fn(m.ours, feature_batch, device=device)),
         "ours_pool2": train_step_fn(m.pooled, pool_batch, device=device),
         "vision_tower_forward": tower,
         "matmul": matmul,
@@ -720,7 +730,8 @@ def bench_training(m: Models, device: str, repeats: int, log=print) -> dict:
         "ours_features": training_step_flops(config, size.batch_size, size.seq_len, vision="features"),
         "ours_pool2": training_step_flops(m.pooled.config, size.batch_size, pool_batch["input_ids"].shape[1]),
     }
-    flops["llava"] = flops["ours"]
+    flops["llava"] = training_step_flops(config, size.batch_size, size.seq_len,
+                                         tower_layers=config.vision_config.num_hidden_layers)  # it runs every layer
     for name, f in flops.items():
         runs[name]["flops"] = f["total"]
         runs[name]["best_seconds"] = f["total"] / rate
@@ -738,6 +749,7 @@ def bench_training(m: Models, device: str, repeats: int, log=print) -> dict:
         "share_of_tower_removed_cpu": statistics.median((p["cpu_seconds"] - f["cpu_seconds"]) / t["cpu_seconds"] for p, f, t in rounds),
         "tower_share_of_step": tower_seconds / runs["ours"]["seconds"],
         "llava_step_seconds_without_tower_estimate": runs["llava"]["seconds"] - tower_seconds,
+        "tower_calls_with_pixels": int(sum(r["tower_calls"] for r in records["ours"])),
         "tower_calls_with_features": int(sum(r["tower_calls"] for r in records["ours_features"])),
         "ratio_features_to_llava": paired_ratio(records["ours_features"], records["llava"]),
     }

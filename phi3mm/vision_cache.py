@@ -53,7 +53,7 @@ def config_signature(config) -> dict:
         "image_size": vision.image_size,
         "patch_size": vision.patch_size,
         "num_hidden_layers": vision.num_hidden_layers,
-        "vision_feature_layer": config.vision_feature_layer % (vision.num_hidden_layers + 1),  # -2 == n - 1
+        "vision_feature_layer": config.vision_layers_used,  # -2 == n - 1
         "vision_feature_select_strategy": config.vision_feature_select_strategy,
     }
 

@@ -61,14 +61,16 @@ def test_flop_estimator_on_a_known_config():
     assert matmul_weights(model.model.language_model) + model.lm_head.weight.numel() == 24576
     assert matmul_weights(model.model.vision_tower) == 13504
 
-    # Batch 2 x 20 tokens, one 4-patch image per row (5 tower tokens with CLS).
+    # Batch 2 x 20 tokens, one 4-patch image per row (5 tower tokens with CLS). The features are
+    # the penultimate layer's, so the tower runs one of its two layers; LLaVA runs both.
     lm_forward = 2 * (2 * 24576 * 20 + 4 * 2 * 32 * 20**2)
     projector = 2 * (2 * (16 * 32 + 32 * 32) * 4)
-    tower = 2 * (2 * 13504 * 5 + 4 * 2 * 16 * 5**2)
+    tower = 2 * (2 * (9408 + 2048) * 5 + 4 * 1 * 16 * 5**2)
     flops = training_step_flops(config, batch_size=2, seq_len=20)
     assert flops == {"language_model": 3 * lm_forward, "projector": 3 * projector, "vision_tower": tower,
                      "total": 3 * lm_forward + 3 * projector + tower}  # fmt: skip
     assert training_step_flops(config, 2, 20, vision="features")["vision_tower"] == 0
+    assert training_step_flops(config, 2, 20, tower_layers=2)["vision_tower"] == 2 * (2 * 13504 * 5 + 4 * 2 * 16 * 5**2)
     assert training_step_flops(config, 2, 20, lm_trainable=False)["language_model"] == 2 * lm_forward
 
 
@@ -93,6 +95,7 @@ def test_tiny_run_writes_json_and_markdown(tmp_path):
     for name in ("ours", "llava", "ours_features", "ours_pool2", "vision_tower_forward"):
         assert runs[name]["seconds"] > 0, name
     assert runs["ours"]["loss"] == pytest.approx(runs["llava"]["loss"], rel=1e-5)  # same weights, same batch
+    assert tiny["train"]["vision_features"]["tower_calls_with_pixels"] == 1  # one round
     assert tiny["train"]["vision_features"]["tower_calls_with_features"] == 0
     assert 0 < runs["ours"]["mfu"] < 1
     assert 0 < results["padding"]["random"] < results["padding"]["grouped"] <= 1

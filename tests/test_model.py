@@ -54,6 +54,29 @@ def test_precomputed_vision_features_match_the_tower(tiny):
     assert torch.equal(from_pixels, from_cache)
 
 
+def test_vision_features_skip_the_tower_layers_after_the_feature_layer(tiny):
+    """The penultimate layer's features equal a full forward's, without running the last layer."""
+    model, processor = tiny
+    pixels = encode(processor, USER.format("<image>\nWhat?"), [shape_image()])["pixel_values"]
+    tower = model.model.vision_tower
+    calls = []
+    hook = tower.encoder.layers[-1].register_forward_hook(lambda *a: calls.append(1))
+    try:
+        with torch.no_grad():
+            features = model.model.select_vision_features(pixels)
+            assert not calls, "the last layer ran although the features are the penultimate layer's"
+            full = tower(pixels, output_hidden_states=True).hidden_states[model.config.vision_feature_layer]
+            assert calls
+    finally:
+        hook.remove()
+    assert torch.equal(features, full[:, 1:])
+    unused = model.model.unused_vision_modules()
+    assert unused == [tower.encoder.layers[-1], tower.post_layernorm]
+    last = copy.deepcopy(model.model)
+    last.config.vision_feature_layer = -1
+    assert last.unused_vision_modules() == [last.vision_tower.post_layernorm]
+
+
 def test_several_images_and_clips_over_several_turns_in_a_left_padded_batch(tiny):
     model, processor = tiny
     long_prompt = (

@@ -354,3 +354,28 @@ def test_merge_dequantizes_weights_bitsandbytes_repacked_for_cpu_inference(base,
     round_trip = max((v - weights[k]).abs().max().item() for k, v in reference.state_dict().items())
     nf4_error = max((weights[k] - original[k]).abs().max().item() for k in weights)
     assert round_trip < nf4_error / 5, (round_trip, nf4_error)
+
+
+@pytest.mark.parametrize("stage, tuning", [("finetune", "qlora"), ("finetune", "full"), ("pretrain", "qlora")])
+def test_every_trainable_parameter_gets_a_gradient_when_the_vision_tower_trains(base, demo, stage, tuning):
+    """DDP (without find_unused_parameters) fails on a trainable parameter that gets no gradient:
+    the tower's last layer and post-layernorm feed no feature, so they must stay frozen."""
+    from transformers import TrainingArguments
+
+    from modeling_phi3_projector import Phi3ProjectorForConditionalGeneration
+    from processing_multimodal import MultimodalProcessor
+    from train_trainer import ModelArguments, prepare_for_training, quantization_config
+
+    args = ModelArguments(model_name_or_path=str(base), stage=stage, tuning=tuning, bnb_compute_dtype="float32",
+                          train_vision_tower=True, train_audio_tower=True)  # fmt: skip
+    quantize = stage == "finetune" and tuning == "qlora"
+    model = Phi3ProjectorForConditionalGeneration.from_pretrained(
+        base, quantization_config=quantization_config(args) if quantize else None, dtype=torch.float32)
+    model = prepare_for_training(model, args, TrainingArguments(output_dir="unused", report_to="none"))
+    processor = MultimodalProcessor.from_pretrained(base, trust_remote_code=True)
+    dataset = LlavaDataset(read_rows(demo / "eval.json")[:4], processor, demo, demo)
+    batch = MultimodalCollator(processor.tokenizer.pad_token_id)([dataset[i] for i in range(len(dataset))])
+    model(**batch).loss.backward()
+    trainable = {name: p for name, p in model.named_parameters() if p.requires_grad}
+    assert any("vision_tower" in name and "layers.0." in name for name in trainable)
+    assert [name for name, p in trainable.items() if p.grad is None] == []
