@@ -21,6 +21,7 @@ from torch import nn
 from transformers import AutoModel, GenerationMixin, PreTrainedModel
 from transformers.activations import ACT2FN
 from transformers.cache_utils import Cache
+from transformers.loss.loss_utils import fixed_cross_entropy
 from transformers.modeling_outputs import ModelOutput
 from transformers.models.whisper.modeling_whisper import WhisperEncoder
 
@@ -360,6 +361,10 @@ class Phi3ProjectorForConditionalGeneration(Phi3ProjectorPreTrainedModel, Genera
         (windows, 3000) for the audio; labels (batch, seq) with -100 where no loss is taken
         (shifted here, once).
 
+        In training mode with labels, the head runs only at the supervised positions and `logits`
+        is None: the loss is the same, without the (batch, seq, vocab) logits of every image and
+        prompt token. In eval mode the full logits come back as usual.
+
         Example:
 
         ```python
@@ -381,6 +386,15 @@ class Phi3ProjectorForConditionalGeneration(Phi3ProjectorPreTrainedModel, Genera
             **kwargs,
         )
         hidden_states = outputs.last_hidden_state
+        if labels is not None and self.training and isinstance(logits_to_keep, int) and logits_to_keep == 0:
+            return Phi3ProjectorCausalLMOutput(
+                loss=self._supervised_loss(hidden_states, labels, **kwargs),
+                past_key_values=outputs.past_key_values,
+                hidden_states=outputs.hidden_states,
+                attentions=outputs.attentions,
+                image_hidden_states=outputs.image_hidden_states,
+                audio_hidden_states=outputs.audio_hidden_states,
+            )
         if isinstance(logits_to_keep, int):
             hidden_states = hidden_states[:, -logits_to_keep:] if logits_to_keep > 0 else hidden_states
         else:
@@ -401,6 +415,18 @@ class Phi3ProjectorForConditionalGeneration(Phi3ProjectorPreTrainedModel, Genera
             image_hidden_states=outputs.image_hidden_states,
             audio_hidden_states=outputs.audio_hidden_states,
         )
+
+    def _supervised_loss(self, hidden_states, labels, num_items_in_batch=None, shift_labels=None, **_) -> torch.Tensor:
+        """transformers' causal-LM loss (same shift, -100 ignored, same reduction with and without
+        `num_items_in_batch`) with the head applied only where a label supervises. LLaVA's rows
+        are mostly unsupervised (576 image tokens and the question), and at Phi-3.5's 32k
+        vocabulary the skipped logits are the largest activation of the step."""
+        if shift_labels is None:  # tokens < n predict n; the last one predicts nothing
+            shift_labels = nn.functional.pad(labels, (0, 1), value=-100)[:, 1:]
+        shift_labels = shift_labels.to(hidden_states.device)
+        supervised = shift_labels != -100
+        logits = self.lm_head(hidden_states[supervised]).float()
+        return fixed_cross_entropy(logits, shift_labels[supervised], num_items_in_batch)
 
     def prepare_inputs_for_generation(self, *args, is_first_iteration: bool = False, **kwargs):
         # GenerationMixin already keeps pixel_values and input_features to the prefill; cached

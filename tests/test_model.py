@@ -148,6 +148,37 @@ def test_gradient_checkpointing_with_a_frozen_base_still_trains_inner_weights(ti
     assert inner.grad is not None and inner.grad.abs().sum() > 0
 
 
+@pytest.mark.parametrize("num_items_in_batch", [None, 7])
+def test_training_loss_runs_the_head_only_where_labels_supervise_and_matches_the_full_loss(tiny, num_items_in_batch):
+    model = copy.deepcopy(tiny[0])
+    processor = tiny[1]
+    prompts = [USER.format("<image>\nWhat color?") + "red.<|end|>", USER.format("<audio>\nPitch?") + "high tone, long.<|end|>"]
+    inputs = encode(processor, prompts, [shape_image()], [tone(2500)], padding=True)
+    labels = inputs["input_ids"].clone()
+    labels[:, : labels.shape[1] - 5] = -100  # a supervised answer at the end of each row, as the collator makes
+    labels[inputs["attention_mask"] == 0] = -100
+    loss_kwargs = {} if num_items_in_batch is None else {"num_items_in_batch": torch.tensor(num_items_in_batch)}
+    head_rows = []
+    hook = model.lm_head.register_forward_hook(lambda m, args, out: head_rows.append(args[0].shape[:-1].numel()))
+
+    def loss_and_grad(train: bool):
+        model.train(train)
+        model.zero_grad(set_to_none=True)
+        out = model(**inputs, labels=labels, **loss_kwargs)
+        out.loss.backward()
+        return out, model.model.multi_modal_projector.linear_1.weight.grad.clone()
+
+    full, full_grad = loss_and_grad(train=False)
+    supervised, supervised_grad = loss_and_grad(train=True)
+    hook.remove()
+    assert full.logits.shape[:2] == labels.shape and supervised.logits is None
+    assert head_rows == [labels.numel(), int((labels[:, 1:] != -100).sum())]
+    expected = model.loss_function(full.logits, labels, model.config.text_config.vocab_size, **loss_kwargs)
+    torch.testing.assert_close(full.loss, expected)
+    torch.testing.assert_close(supervised.loss, full.loss, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(supervised_grad, full_grad, atol=1e-6, rtol=1e-5)
+
+
 def test_audio_over_30_seconds_is_split_in_windows(tiny):
     model, processor = tiny
     inputs = encode(processor, USER.format("<audio>\nHow long?"), audio=[np.zeros(45 * 16_000, np.float32)])
