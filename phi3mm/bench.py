@@ -110,9 +110,10 @@ SIZES = {
                  nocache_tokens=16, repeats=15),
     # ~95M parameters with LLaVA-1.5's image shape (336 px, patch 14: 576 tokens), so the vision
     # tower's share and the image tokens' weight in the sequence are realistic; one row per step
-    # keeps the whole run within minutes on two cores.
+    # keeps the whole run within minutes on two cores. Five rounds: the tower is ~7% of a step, and
+    # with three the per-round noise of the step hid its removal.
     "small": Size("small", 768, 8, 12, 3072, 512, 6, 8, 2048, 336, 14, None, batch_size=1, seq_len=640,
-                  new_tokens=16, nocache_tokens=4),
+                  new_tokens=16, nocache_tokens=4, repeats=5),
     # Phi-3.5-mini (3.8B) with CLIP-L/336 (0.3B), random weights; the training-script shape:
     # batch 4 x 1024 tokens with gradient checkpointing and LoRA r=128. GPU only.
     "phi35": Size("phi35", 3072, 32, 32, 8192, 1024, 24, 16, 4096, 336, 14, 32064, batch_size=4, seq_len=1024,
@@ -303,18 +304,23 @@ def attention_flops(layers: int, width: int, seq_len: int) -> int:
 
 
 def training_step_flops(config, batch_size: int, seq_len: int, images_per_row: int = 1, vision: str = "tower",
-                        lm_trainable: bool = True, tower_layers: int | None = None) -> dict[str, int]:
+                        lm_trainable: bool = True, tower_layers: int | None = None,
+                        head_tokens: int | None = None) -> dict[str, int]:
     """Model FLOPs of one training step (forward + backward), by part.
 
     Forward is 2 x matmul weights x tokens plus attention; backward is twice the forward for what
     is trained (`lm_trainable`: gradients of the weights and of the activations) and once for a
     frozen LM that passes gradients down to the projector (QLoRA: activation gradients only).
     The vision tower is frozen: forward only with `vision="tower"` (`tower_layers` as in
-    `vision_tower_flops`), nothing with `"features"`.
+    `vision_tower_flops`), nothing with `"features"`. The head runs on `head_tokens` tokens per
+    row: ours on the supervised ones only, LLaVA on all `seq_len` (None).
     Gradient-checkpointing recomputation is not counted (model FLOPs, not hardware FLOPs).
     """
     text = config.text_config
-    lm_forward = batch_size * (2 * text_matmul_params(text) * seq_len + attention_flops(text.num_hidden_layers, text.hidden_size, seq_len))
+    head = text.hidden_size * text.vocab_size
+    head_tokens = seq_len if head_tokens is None else head_tokens
+    lm_forward = batch_size * (2 * (text_matmul_params(text) - head) * seq_len + 2 * head * head_tokens
+                               + attention_flops(text.num_hidden_layers, text.hidden_size, seq_len))
     n_images = batch_size * images_per_row
     projector_tokens = config.image_seq_length * (config.image_token_pooling**2)  # it runs before pooling
     flops = {
@@ -610,6 +616,11 @@ def training_batch(config, size: Size, device: str, seed: int = 0) -> dict[str, 
     }
 
 
+def supervised_tokens_per_row(batch: dict) -> int:
+    """Positions per row whose next token carries a label (the rows of `training_batch` are alike)."""
+    return int((batch["labels"][:, 1:] != IGNORE_INDEX).sum()) // batch["labels"].shape[0]
+
+
 def pooled_batch(batch: dict, config_pool1, config_pool2) -> dict:
     """The same rows with each image block shortened to the pooled model's token count."""
     keep = []
@@ -725,13 +736,14 @@ def bench_training(m: Models, device: str, repeats: int, log=print) -> dict:
         runs[name]["peak_memory"] = runs[name]["weights_bytes"] + runs[name]["memory_increase"]
 
     config = m.ours.config
+    supervised = supervised_tokens_per_row(batch)
     flops = {
-        "ours": training_step_flops(config, size.batch_size, size.seq_len),
-        "ours_features": training_step_flops(config, size.batch_size, size.seq_len, vision="features"),
-        "ours_pool2": training_step_flops(m.pooled.config, size.batch_size, pool_batch["input_ids"].shape[1]),
+        "ours": training_step_flops(config, size.batch_size, size.seq_len, head_tokens=supervised),
+        "ours_features": training_step_flops(config, size.batch_size, size.seq_len, vision="features", head_tokens=supervised),
+        "ours_pool2": training_step_flops(m.pooled.config, size.batch_size, pool_batch["input_ids"].shape[1], head_tokens=supervised),
+        # LLaVA runs every tower layer and the head at every position.
+        "llava": training_step_flops(config, size.batch_size, size.seq_len, tower_layers=config.vision_config.num_hidden_layers),
     }
-    flops["llava"] = training_step_flops(config, size.batch_size, size.seq_len,
-                                         tower_layers=config.vision_config.num_hidden_layers)  # it runs every layer
     for name, f in flops.items():
         runs[name]["flops"] = f["total"]
         runs[name]["best_seconds"] = f["total"] / rate
@@ -978,13 +990,19 @@ def bench_qlora(m: Models, device: str, repeats: int, log=print) -> dict:
     records = interleave(fns, repeats, device, memory=True)
     runs = {name: summarize(recs) for name, recs in records.items()}
     rate = matmul_flops / runs.pop("matmul")["seconds"]
-    flops = training_step_flops(m.ours.config, size.batch_size, size.seq_len, lm_trainable=False)["total"]
+    config = m.ours.config
+    flops = {  # as in bench_training: LLaVA runs every tower layer and the head at every position
+        "ours": training_step_flops(config, size.batch_size, size.seq_len, lm_trainable=False,
+                                    head_tokens=supervised_tokens_per_row(batch))["total"],
+        "llava": training_step_flops(config, size.batch_size, size.seq_len, lm_trainable=False,
+                                     tower_layers=config.vision_config.num_hidden_layers)["total"],
+    }
     for name, model in (("ours", ours4), ("llava", llava4)):
         runs[name]["samples_per_s"] = size.batch_size / runs[name]["seconds"]
         runs[name]["weights_bytes"] = model_bytes(model)
         runs[name]["peak_memory"] = runs[name]["weights_bytes"] + runs[name]["memory_increase"]
-        runs[name]["flops"] = flops
-        runs[name]["mfu"] = flops / rate / runs[name]["seconds"]
+        runs[name]["flops"] = flops[name]
+        runs[name]["mfu"] = flops[name] / rate / runs[name]["seconds"]
     del ours4, llava4
     gc.collect()
     if device == "cuda":
@@ -1477,7 +1495,9 @@ def _render_glossary() -> list[str]:
         "- **model FLOPs** (`training_step_flops`): 2 x matmul weights x tokens for each forward, plus attention",
         "  (4 x layers x width x seq^2, full square); x3 for what is trained (forward + backward), x2 for a frozen",
         "  LM that passes gradients down (QLoRA), x1 for the frozen vision tower, nothing for it with features.",
-        "  Recomputation under gradient checkpointing is not counted.",
+        "  Each model is counted for what it runs: ours runs the tower up to the feature layer (the penultimate)",
+        "  and the head at the supervised positions only; LLaVA runs every tower layer and the head at every",
+        "  position. Recomputation under gradient checkpointing is not counted.",
         "- **best possible**: model FLOPs / the measured matmul rate: the step time if every FLOP ran at the speed",
         "  of one large square matmul. **MFU** = best possible / measured step (medians of the same rounds). On one",
         "  CPU core a step made of large matmuls runs near that rate, so MFU near (and with noise, past) 100% there",

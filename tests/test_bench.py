@@ -72,6 +72,8 @@ def test_flop_estimator_on_a_known_config():
     assert training_step_flops(config, 2, 20, vision="features")["vision_tower"] == 0
     assert training_step_flops(config, 2, 20, tower_layers=2)["vision_tower"] == 2 * (2 * 13504 * 5 + 4 * 2 * 16 * 5**2)
     assert training_step_flops(config, 2, 20, lm_trainable=False)["language_model"] == 2 * lm_forward
+    head_on_5 = 2 * (2 * (24576 - 4096) * 20 + 2 * 4096 * 5 + 4 * 2 * 32 * 20**2)  # the head on 5 tokens per row
+    assert training_step_flops(config, 2, 20, head_tokens=5)["language_model"] == 3 * head_on_5
 
 
 def test_phi35_is_refused_on_the_cpu(tmp_path):
