@@ -387,26 +387,19 @@ class Phi3ProjectorForConditionalGeneration(Phi3ProjectorPreTrainedModel, Genera
             **kwargs,
         )
         hidden_states = outputs.last_hidden_state
+        loss = logits = None
         if labels is not None and self.training and isinstance(logits_to_keep, int) and logits_to_keep == 0:
-            return Phi3ProjectorCausalLMOutput(
-                loss=self._supervised_loss(hidden_states, labels, **kwargs),
-                past_key_values=outputs.past_key_values,
-                hidden_states=outputs.hidden_states,
-                attentions=outputs.attentions,
-                image_hidden_states=outputs.image_hidden_states,
-                audio_hidden_states=outputs.audio_hidden_states,
-            )
-        if isinstance(logits_to_keep, int):
-            hidden_states = hidden_states[:, -logits_to_keep:] if logits_to_keep > 0 else hidden_states
+            loss = self._supervised_loss(hidden_states, labels, **kwargs)
         else:
-            hidden_states = hidden_states[:, logits_to_keep]
-        logits = self.lm_head(hidden_states)
-
-        loss = None
-        if labels is not None:
-            loss = self.loss_function(
-                logits=logits, labels=labels, vocab_size=self.config.text_config.vocab_size, **kwargs
-            )
+            if isinstance(logits_to_keep, int):
+                hidden_states = hidden_states[:, -logits_to_keep:] if logits_to_keep > 0 else hidden_states
+            else:
+                hidden_states = hidden_states[:, logits_to_keep]
+            logits = self.lm_head(hidden_states)
+            if labels is not None:
+                loss = self.loss_function(
+                    logits=logits, labels=labels, vocab_size=self.config.text_config.vocab_size, **kwargs
+                )
         return Phi3ProjectorCausalLMOutput(
             loss=loss,
             logits=logits,
