@@ -30,4 +30,4 @@ bench: setup
 	$(PY) -m phi3mm.bench
 
 tiny: setup
-	$(PY) scripts/make_tiny_checkpoint.py outputs/tiny
+	$(PY) -m phi3mm.build outputs/tiny

@@ -558,7 +558,7 @@ class Models:
 
 def prepare_models(size: Size, work_dir: Path, device: str, dtype: torch.dtype, log=print) -> Models:
     """Components -> our checkpoint -> its LLaVA export; both loaded back from disk, plus the pooled model."""
-    from scripts.export_llava import export_llava
+    from phi3mm.export_llava import export_llava
 
     log(f"[{size.name}] writing components and checkpoints to {work_dir}")
     paths = write_components(work_dir / "components", size, device=device)
@@ -888,7 +888,7 @@ def no_cache_loop_fn(model, inputs: dict, new_tokens: int, device: str):
 
 def quantization_config_4bit(device: str):
     """The training script's own NF4 config (double quantization, towers / projector / head kept)."""
-    from train_trainer import ModelArguments, quantization_config
+    from phi3mm.training import ModelArguments, quantization_config
 
     # On the CPU the 4-bit layers compute in fp32 or bf16; the script's default is bf16 either way.
     return quantization_config(ModelArguments(tiny=True))
@@ -965,7 +965,7 @@ def bench_qlora(m: Models, device: str, repeats: int, log=print) -> dict:
     projector trained in full, (on a GPU) bf16 autocast; ours vs LLaVA with the same setup."""
     from transformers import TrainingArguments
 
-    from train_trainer import ModelArguments, prepare_for_training
+    from phi3mm.training import ModelArguments, prepare_for_training
 
     size = m.size
     ours4, llava4 = load_4bit(m, device)

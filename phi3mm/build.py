@@ -1,6 +1,6 @@
 """Assemble the multimodal model from pretrained components, and build tiny offline components.
 
-    python scripts/make_tiny_checkpoint.py outputs/tiny      # a tiny random checkpoint, no network
+    python -m phi3mm.build outputs/tiny [--no-audio] [--image_token_pooling 2]   # a tiny random checkpoint, no network
 
 `build_model_and_processor` is the one road to a model, for real and tiny components alike: it
 loads a Phi-3 causal LM, a CLIP vision tower and (optionally) a Whisper encoder by hub id or local
@@ -285,4 +285,28 @@ def build_tiny_model(work_dir: str | os.PathLike, with_audio: bool = True, **opt
     return build_model_and_processor(paths["text"], paths["vision"], paths.get("audio"), **options)
 
 
+def main(argv: list[str] | None = None) -> None:
+    """Write a tiny random checkpoint that loads like the real one (Auto classes, remote code)."""
+    import argparse
+    import tempfile
+
+    parser = argparse.ArgumentParser(prog="python -m phi3mm.build", description=main.__doc__)
+    parser.add_argument("out_dir", type=Path)
+    parser.add_argument("--no-audio", dest="with_audio", action="store_false", help="no Whisper tower")
+    parser.add_argument("--image_token_pooling", type=int, default=1)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    with tempfile.TemporaryDirectory() as components:
+        model, processor = build_tiny_model(
+            components, with_audio=args.with_audio, image_token_pooling=args.image_token_pooling, seed=args.seed
+        )
+        save_checkpoint(model, processor, args.out_dir)
+    n_params = sum(p.numel() for p in model.parameters())
+    print(f"wrote {args.out_dir} ({n_params / 1e6:.2f}M parameters, audio tower: {args.with_audio})")
+
+
 __all__ = ["build_model_and_processor", "build_tiny_model", "build_tiny_tokenizer", "make_tiny_components", "save_checkpoint"]
+
+
+if __name__ == "__main__":
+    main()

@@ -64,7 +64,7 @@ def training_args(output_dir: Path, epochs: float, lr: float, batch_size: int, s
 
 
 def run_demo(out_dir: str | Path = "outputs/demo", quick: bool = False, seed: int = 0) -> dict:
-    from train_trainer import DataArguments, ModelArguments, train
+    from phi3mm.training import DataArguments, ModelArguments, train
 
     settings = QUICK if quick else DEMO
     torch.set_num_threads(1)

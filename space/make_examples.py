@@ -1,4 +1,4 @@
-"""python space/make_examples.py
+"""python -m space.make_examples      # from the repository root
 
 Writes the app's bundled examples to space/examples/: two shape pictures and two clips, drawn and
 synthesised offline by the same generator as the demo data set, so the demo model can answer them.
@@ -8,16 +8,14 @@ the files it writes, which are committed.
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import numpy as np
 import soundfile as sf
 
-SPACE_DIR = Path(__file__).resolve().parent
-sys.path.insert(0, str(SPACE_DIR.parent))  # the repository root, for phi3mm
+from phi3mm.demo_data import SR, draw_image, synth_beeps, synth_tone
 
-from phi3mm.demo_data import SR, draw_image, synth_beeps, synth_tone  # noqa: E402
+SPACE_DIR = Path(__file__).resolve().parent
 
 IMAGE_SIZE = 256  # bigger than the 64 px training images so they look good in the chat; CLIP resizes anyway
 

@@ -24,7 +24,7 @@ import soundfile as sf
 import torch
 
 from phi3mm.build import build_tiny_model, save_checkpoint
-from phi3mm.load_test import stop_app
+from phi3mm.load_test import free_port, stop_app
 from space import app
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -77,11 +77,6 @@ def bad_files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     sf.write(files["MB"], np.zeros(20 * 16_000, np.float32), 16_000, subtype="PCM_16")  # 20 s, 0.6 MB
     return files
 
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @pytest.fixture(scope="module")

@@ -90,7 +90,7 @@ def test_saved_checkpoint_loads_as_remote_code_in_a_clean_process(tiny, tmp_path
 
 def test_make_tiny_checkpoint_script(tmp_path):
     result = subprocess.run(
-        [sys.executable, str(ROOT / "scripts" / "make_tiny_checkpoint.py"), str(tmp_path / "tiny"), "--no-audio"],
+        [sys.executable, "-m", "phi3mm.build", str(tmp_path / "tiny"), "--no-audio"],
         capture_output=True, text=True, timeout=300,
     )
     assert result.returncode == 0, result.stderr[-2000:]

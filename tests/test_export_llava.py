@@ -1,8 +1,7 @@
-"""scripts/export_llava.py: the export is transformers' own LLaVA, and computes what our model computes."""
+"""phi3mm.export_llava: the export is transformers' own LLaVA, and computes what our model computes."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import subprocess
 import sys
@@ -15,14 +14,10 @@ from PIL import Image
 from safetensors import safe_open
 from transformers import AutoModelForCausalLM, AutoProcessor, LlavaForConditionalGeneration, LlavaProcessor
 
+from phi3mm import export_llava
 from phi3mm.build import build_tiny_model, save_checkpoint
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-SCRIPT = REPO_ROOT / "scripts" / "export_llava.py"
-
-_spec = importlib.util.spec_from_file_location("export_llava", SCRIPT)
-export_llava = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(export_llava)
 
 MESSAGES = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What color is the shape?"}]}]
 
@@ -116,7 +111,7 @@ def test_pooled_model_is_refused(tmp_path):
     assert not dst.exists()
     # the command line, run from the repository root, says so and exits non-zero
     result = subprocess.run(
-        [sys.executable, "scripts/export_llava.py", str(src), str(dst)], cwd=REPO_ROOT, capture_output=True, text=True
+        [sys.executable, "-m", "phi3mm.export_llava", str(src), str(dst)], cwd=REPO_ROOT, capture_output=True, text=True
     )
     assert result.returncode == 1
     assert "cannot export exactly to LLaVA" in result.stderr and "image_token_pooling=2" in result.stderr

@@ -22,7 +22,7 @@ from transformers.trainer_utils import get_last_checkpoint
 
 from phi3mm.build import build_tiny_model, save_checkpoint
 from phi3mm.demo_data import make_demo_dataset
-from train_trainer import checkpoint_is_complete, last_complete_checkpoint, resolve_resume
+from phi3mm.training import checkpoint_is_complete, last_complete_checkpoint, resolve_resume
 
 ROOT = Path(__file__).resolve().parents[1]
 MAX_STEPS, SAVE_STEPS = 10, 2
@@ -38,6 +38,7 @@ FAULTY_RUN = r"""
 import os, signal, sys
 from transformers import Trainer, TrainerState
 import train_trainer
+from phi3mm import training
 
 kind, step = os.environ.get("FAULT", "none:0").split(":")
 step = int(step)
@@ -47,12 +48,12 @@ def die():
     os.kill(os.getpid(), signal.SIGKILL)
 
 if kind == "step":
-    training_step = train_trainer.MultimodalTrainer.training_step
+    training_step = training.MultimodalTrainer.training_step
     def killed_in_step(self, *args, **kwargs):
         if self.state.global_step == step - 1:
             die()
         return training_step(self, *args, **kwargs)
-    train_trainer.MultimodalTrainer.training_step = killed_in_step
+    training.MultimodalTrainer.training_step = killed_in_step
 elif kind == "weights":
     save_model = Trainer.save_model
     def killed_writing_weights(self, output_dir=None, _internal_call=False):

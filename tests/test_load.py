@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import tempfile
 from pathlib import Path
 
@@ -61,11 +60,6 @@ def test_app_under_load_answers_or_refuses_every_request_and_holds_its_memory(tm
 # ---- what /chat can be made to read -------------------------------------------------------------
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
 
 @pytest.fixture(scope="module")
 def served(tiny):
@@ -83,7 +77,7 @@ def served(tiny):
 
     assistant._load_image, assistant._load_audio = spy(assistant._load_image), spy(assistant._load_audio)
     demo = app.build_demo(assistant)
-    port = free_port()
+    port = load_test.free_port()
     app.launch(demo, "127.0.0.1", port, load_test.MAX_FILE_MB, prevent_thread_lock=True, quiet=True)
     yield f"http://127.0.0.1:{port}/", seen
     demo.close()

@@ -9,7 +9,6 @@ import json
 import math
 import os
 import shutil
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -23,7 +22,9 @@ from safetensors.torch import load_file
 from phi3mm.build import build_tiny_model, save_checkpoint
 from phi3mm.data import LlavaDataset, MultimodalCollator, read_rows
 from phi3mm.demo_data import make_demo_dataset
-from train_trainer import LORA_TARGETS, main, parse_args, train
+from phi3mm.load_test import free_port
+from phi3mm.training import LORA_TARGETS, train
+from train_trainer import main, parse_args
 
 ROOT = Path(__file__).resolve().parents[1]
 QUIET = ["--report_to", "none", "--disable_tqdm", "true", "--dataloader_pin_memory", "false"]
@@ -109,7 +110,7 @@ def test_qlora_run_learns_and_the_merged_model_matches_base_plus_adapter(demo, b
 
     from modeling_phi3_projector import Phi3ProjectorForConditionalGeneration
     from processing_multimodal import MultimodalProcessor
-    from train_trainer import ModelArguments, quantization_config, use_compute_dtype_on_cpu
+    from phi3mm.training import ModelArguments, quantization_config, use_compute_dtype_on_cpu
 
     merged = AutoModelForCausalLM.from_pretrained(out / "model", trust_remote_code=True).eval()
     processor = MultimodalProcessor.from_pretrained(base, trust_remote_code=True)
@@ -194,11 +195,6 @@ def test_resume_from_the_middle_checkpoint_ends_where_the_uninterrupted_run_does
         "--ignore_data_skip", "true")
     assert max_difference(final, adapter_weights(tmp_path / "control2" / "adapter")) > 1e-4
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.mark.slow
@@ -332,7 +328,7 @@ def test_merge_dequantizes_weights_bitsandbytes_repacked_for_cpu_inference(base,
 
     from modeling_phi3_projector import Phi3ProjectorForConditionalGeneration
     from processing_multimodal import MultimodalProcessor
-    from train_trainer import ModelArguments, copy_dequantized_weights, prepare_for_training, quantization_config
+    from phi3mm.training import ModelArguments, copy_dequantized_weights, prepare_for_training, quantization_config
 
     args = ModelArguments(model_name_or_path=str(base), stage="finetune", tuning="qlora", bnb_compute_dtype="float32")
     quantized = Phi3ProjectorForConditionalGeneration.from_pretrained(base, quantization_config=quantization_config(args))
@@ -364,7 +360,7 @@ def test_every_trainable_parameter_gets_a_gradient_when_the_vision_tower_trains(
 
     from modeling_phi3_projector import Phi3ProjectorForConditionalGeneration
     from processing_multimodal import MultimodalProcessor
-    from train_trainer import ModelArguments, prepare_for_training, quantization_config
+    from phi3mm.training import ModelArguments, prepare_for_training, quantization_config
 
     args = ModelArguments(model_name_or_path=str(base), stage=stage, tuning=tuning, bnb_compute_dtype="float32",
                           train_vision_tower=True, train_audio_tower=True)  # fmt: skip

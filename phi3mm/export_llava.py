@@ -1,4 +1,4 @@
-"""python scripts/export_llava.py SRC DST [--overwrite]
+"""python -m phi3mm.export_llava SRC DST [--overwrite]
 
 Export the vision-and-text part of a checkpoint written by `phi3mm.build.save_checkpoint` (SRC)
 as transformers' own `LlavaForConditionalGeneration` checkpoint plus a `LlavaProcessor` (DST),
@@ -9,7 +9,7 @@ audio tower, the audio projector and the Whisper feature extractor are dropped (
 audio), and the script says so. A model with `image_token_pooling > 1` averages the patch grid
 before the projector, which LLaVA cannot express, so it is refused (exit status 1, nothing written).
 
-    >>> from scripts.export_llava import export_llava   # or run the file
+    >>> from phi3mm.export_llava import export_llava   # or run the module
     >>> export_llava("outputs/demo/model", "outputs/demo/llava")
 """
 
@@ -22,13 +22,9 @@ import shutil
 import sys
 from pathlib import Path
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-if str(REPO_ROOT) not in sys.path:
-    sys.path.insert(0, str(REPO_ROOT))
-
-import torch  # noqa: E402
-from huggingface_hub import save_torch_state_dict  # noqa: E402
-from transformers import (  # noqa: E402
+import torch
+from huggingface_hub import save_torch_state_dict
+from transformers import (
     AutoConfig,
     AutoModelForCausalLM,
     AutoProcessor,
@@ -233,7 +229,7 @@ def export_llava(src: str | Path, dst: str | Path, overwrite: bool = False, log=
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[2], prog="scripts/export_llava.py")
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[2], prog="python -m phi3mm.export_llava")
     parser.add_argument("src", help="checkpoint folder written by phi3mm.build.save_checkpoint")
     parser.add_argument("dst", help="output folder for the LLaVA checkpoint")
     parser.add_argument("--overwrite", action="store_true", help="replace DST if it is not empty")

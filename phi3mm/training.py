@@ -1,0 +1,505 @@
+"""The training library: arguments, base loading, quantization, LoRA and freezing, the Trainer,
+resume checks, the merge into dequantized NF4 weights, and the run's summary, loss plot and card.
+
+`train(model_args, data_args, training_args)` runs one stage end to end; `train_trainer.py` (the
+command), `phi3mm.demo` and `phi3mm.bench` call it and the pieces below. The argument dataclasses
+live here, as TRL keeps `SFTConfig` in its library, so the command imports the library and never
+the other way round.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import resource
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from transformers import BitsAndBytesConfig, Trainer, TrainerCallback, TrainingArguments
+from transformers.trainer_pt_utils import LengthGroupedSampler
+from transformers.trainer_utils import set_seed
+from transformers.training_args import ParallelMode
+
+from modeling_phi3_projector import Phi3ProjectorForConditionalGeneration
+from phi3mm.build import build_model_and_processor, build_tiny_model, save_checkpoint
+from phi3mm.data import LlavaDataset, MultimodalCollator, read_rows
+from processing_multimodal import MultimodalProcessor
+
+logger = logging.getLogger(__name__)
+
+PROJECTORS = ("multi_modal_projector", "audio_projector")
+LORA_TARGETS = ("qkv_proj", "o_proj", "gate_up_proj", "down_proj")  # Phi-3's fused linears: not q_proj/k_proj/...
+
+
+@dataclass
+class ModelArguments:
+    model_name_or_path: str | None = field(default=None, metadata={"help": "A composite checkpoint (hub id or folder)."})
+    text_model: str = field(default="microsoft/Phi-3.5-mini-instruct", metadata={"help": "Phi-3 LM, when no composite."})
+    vision_model: str = field(default="openai/clip-vit-large-patch14-336", metadata={"help": "CLIP checkpoint."})
+    audio_model: str | None = field(default="openai/whisper-small", metadata={"help": "Whisper checkpoint; 'none' for no audio."})
+    tiny: bool = field(default=False, metadata={"help": "Build tiny random components offline (the demo, tests)."})
+    tiny_hidden_size: int = field(default=64, metadata={"help": "Width of the tiny language model."})
+    tiny_audio_window_seconds: int = field(default=30, metadata={"help": "Window of the tiny Whisper (30 as the real one)."})
+    image_token_pooling: int = field(default=1, metadata={"help": "2 pools 576 image tokens to 144."})
+    audio_stack_factor: int = field(default=5, metadata={"help": "Encoder frames per audio token (50 / k tokens per second)."})
+    stage: str = field(default="finetune", metadata={"help": "'pretrain': projectors only, LM frozen; 'finetune': LM adapter + projectors."})
+    tuning: str = field(default="qlora", metadata={"help": "How the LM is tuned in 'finetune': qlora | lora | full."})
+    lora_r: int = field(default=128, metadata={"help": "LoRA rank (LLaVA-1.5 uses 128)."})
+    lora_alpha: int = field(default=256, metadata={"help": "LoRA alpha (LLaVA-1.5 uses 256)."})
+    lora_dropout: float = field(default=0.05, metadata={"help": "LoRA dropout."})
+    bnb_compute_dtype: str = field(default="bfloat16", metadata={"help": "Compute dtype of the 4-bit layers."})
+    projector_lr: float | None = field(default=None, metadata={"help": "Projector learning rate (default: the main one)."})
+    train_vision_tower: bool = field(default=False, metadata={"help": "Also train the CLIP tower (kept frozen by default)."})
+    train_audio_tower: bool = field(default=False, metadata={"help": "Also train the Whisper encoder."})
+    merge: bool = field(default=True, metadata={"help": "Merge LoRA into a full-precision copy at the end."})
+
+    def __post_init__(self):
+        if self.stage not in ("pretrain", "finetune"):
+            raise ValueError(f"--stage must be 'pretrain' or 'finetune', got {self.stage!r}")
+        if self.tuning not in ("qlora", "lora", "full"):
+            raise ValueError(f"--tuning must be qlora, lora or full, got {self.tuning!r}")
+        if self.audio_model in ("none", ""):
+            self.audio_model = None
+
+
+@dataclass
+class DataArguments:
+    data_path: str = field(default=None, metadata={"help": "LLaVA-format JSON / JSON Lines, or a saved datasets folder."})
+    image_folder: str | None = field(default=None, metadata={"help": "Folder the rows' image paths are relative to."})
+    audio_folder: str | None = field(default=None, metadata={"help": "Folder the rows' audio paths are relative to."})
+    eval_data_path: str | None = field(default=None, metadata={"help": "Held-out LLaVA-format file for accuracy at the end."})
+    max_length: int = field(default=2048, metadata={"help": "Longest sequence; whole turns are dropped to fit."})
+    strict: bool = field(default=False, metadata={"help": "A bad row stops the run instead of being skipped."})
+    vision_cache_dir: str | None = field(default=None, metadata={"help": "Precomputed vision features (phi3mm.vision_cache)."})
+    max_eval_samples: int | None = field(default=None, metadata={"help": "Evaluate on at most this many rows."})
+
+
+def quantization_config(model_args: ModelArguments) -> BitsAndBytesConfig:
+    """NF4 with double quantization; the towers, projectors and head stay in full precision."""
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=getattr(torch, model_args.bnb_compute_dtype),
+        # Matched from the start of the module name (transformers 5), hence the "model." prefix.
+        llm_int8_skip_modules=[f"model.{name}" for name in ("vision_tower", "audio_tower", *PROJECTORS)] + ["lm_head"],
+    )
+
+
+def load_base(model_args: ModelArguments, output_dir: Path):
+    """(model, processor, base folder): the composite checkpoint, or one assembled from components.
+
+    An assembled model is saved to `output_dir/base` first, because QLoRA and the final merge both
+    load the base from a folder (4-bit for training, full precision for merging).
+    """
+    if model_args.model_name_or_path:
+        base = model_args.model_name_or_path
+    else:
+        base = output_dir / "base"
+        if not (base / "config.json").is_file():
+            if model_args.tiny:
+                model, processor = build_tiny_model(
+                    output_dir / "components",
+                    hidden_size=model_args.tiny_hidden_size,
+                    audio_window_seconds=model_args.tiny_audio_window_seconds,
+                    image_token_pooling=model_args.image_token_pooling,
+                    audio_stack_factor=model_args.audio_stack_factor,
+                    with_audio=model_args.audio_model is not None,
+                )
+            else:
+                model, processor = build_model_and_processor(
+                    model_args.text_model,
+                    model_args.vision_model,
+                    model_args.audio_model,
+                    image_token_pooling=model_args.image_token_pooling,
+                    audio_stack_factor=model_args.audio_stack_factor,
+                )
+            # Written aside and renamed when whole: a run killed mid-write must not leave a `base`
+            # with a config.json that the next run would take for a finished one.
+            partial = output_dir / "base.partial"
+            shutil.rmtree(partial, ignore_errors=True)
+            shutil.rmtree(base, ignore_errors=True)
+            save_checkpoint(model, processor, partial)
+            os.replace(partial, base)
+    quantize = model_args.stage == "finetune" and model_args.tuning == "qlora"
+    model = Phi3ProjectorForConditionalGeneration.from_pretrained(
+        base, quantization_config=quantization_config(model_args) if quantize else None, dtype=torch.float32,
+        use_safetensors=True,  # never unpickle weights: a pytorch_model.bin can run code as it loads
+    )
+    # The code is this repository's own; trust_remote_code only keeps the sub-processor loaders
+    # from asking about the auto_map in the folder's config.
+    processor = MultimodalProcessor.from_pretrained(base, trust_remote_code=True)
+    return model, processor, str(base)
+
+
+def prepare_for_training(model, model_args: ModelArguments, training_args: TrainingArguments):
+    """Freeze and unfreeze per stage, add LoRA where asked; returns the model to train."""
+    model.requires_grad_(False)
+    if model_args.stage == "finetune" and model_args.tuning in ("qlora", "lora"):
+        from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+
+        if model_args.tuning == "qlora":
+            model = prepare_model_for_kbit_training(
+                model, use_gradient_checkpointing=bool(training_args.activation_checkpointing)
+            )
+        lora = LoraConfig(
+            r=model_args.lora_r,
+            lora_alpha=model_args.lora_alpha,
+            lora_dropout=model_args.lora_dropout,
+            target_modules=rf"model\.language_model\.layers\.\d+\.(self_attn|mlp)\.({'|'.join(LORA_TARGETS)})",
+            modules_to_save=trained_in_full(model, model_args),
+            task_type="CAUSAL_LM",
+        )
+        model = get_peft_model(model, lora)
+        check_lora_coverage(model)
+    else:  # with LoRA, PEFT trains (and saves) its modules_to_save copies itself
+        if model_args.stage == "finetune":  # full fine-tuning of the LM
+            model.model.language_model.requires_grad_(True)
+            model.lm_head.requires_grad_(True)
+        for name in trained_in_full(model, model_args):
+            getattr(model.model, name).requires_grad_(True)
+    # Tower parts no feature depends on would get no gradient, which DDP rejects. (The benchmark
+    # also prepares transformers' LLaVA here, which has no such list.)
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    for module in getattr(base.model, "unused_vision_modules", list)():
+        module.requires_grad_(False)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    print(f"trainable params: {trainable:,} || all params: {total:,} || trainable%: {100 * trainable / total:.4f}")
+    return model
+
+
+def trained_in_full(model, model_args: ModelArguments) -> list[str]:
+    """Submodules of `model.model` trained in full: the projectors, and the towers when asked."""
+    names = list(PROJECTORS)
+    names += ["vision_tower"] if model_args.train_vision_tower else []
+    names += ["audio_tower"] if model_args.train_audio_tower else []
+    return [name for name in names if getattr(model.model, name, None) is not None]
+
+
+def check_lora_coverage(model) -> None:
+    """Every layer's four Phi-3 linears carry LoRA: a misnamed target would silently train nothing."""
+    n_layers = model.base_model.model.config.text_config.num_hidden_layers
+    for target in LORA_TARGETS:
+        hits = [n for n, _ in model.named_modules() if n.endswith(f".{target}.lora_A")]
+        if len(hits) != n_layers:
+            raise ValueError(f"LoRA reached {len(hits)} of {n_layers} '{target}' layers")
+
+
+def checkpoint_is_complete(folder: str | os.PathLike) -> bool:
+    """Whether `checkpoint-N` was written to the end.
+
+    Trainer writes a checkpoint file by file (weights, optimizer, scheduler, RNG state) and
+    `trainer_state.json` last, and removes older checkpoints only after that: a folder whose state
+    file reads back with its own step is whole; a run killed mid-save leaves one that is not.
+    """
+    folder = Path(folder)
+    step = re.fullmatch(r"checkpoint-(\d+)", folder.name)
+    try:
+        state = json.loads((folder / "trainer_state.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return step is not None and state.get("global_step") == int(step.group(1))
+
+
+def last_complete_checkpoint(output_dir: str | os.PathLike) -> str | None:
+    """The newest complete `checkpoint-N` in `output_dir` (transformers' get_last_checkpoint takes
+    the newest folder, whole or not); None when there is none."""
+    folders = [f for f in Path(output_dir).glob("checkpoint-*") if re.fullmatch(r"checkpoint-\d+", f.name) and f.is_dir()]
+    for folder in sorted(folders, key=lambda f: int(f.name.split("-")[1]), reverse=True):
+        if checkpoint_is_complete(folder):
+            return str(folder)
+        logger.warning("skipping %s: incomplete, the run stopped while writing it", folder)
+    return None
+
+
+def resolve_resume(resume: str | None, output_dir: Path) -> str | None:
+    """--resume_from_checkpoint: a checkpoint folder, `true` / `last` (the last complete one in
+    OUTPUT_DIR, an error if none), or `auto` (the same, or a fresh start if none: one command line
+    for a job that may be preempted and restarted)."""
+    if resume is None or str(resume).lower() in ("", "false", "none"):
+        return None
+    if str(resume).lower() in ("true", "last", "auto"):
+        last = last_complete_checkpoint(output_dir) if output_dir.is_dir() else None
+        if last is None and str(resume).lower() != "auto":
+            raise ValueError(f"--resume_from_checkpoint {resume}: no complete checkpoint in {output_dir}")
+        logger.info("resuming from %s", last or "scratch (no complete checkpoint yet)")
+        return last
+    if Path(resume).name.startswith("checkpoint-") and not checkpoint_is_complete(resume):
+        last = last_complete_checkpoint(Path(resume).parent)
+        raise ValueError(
+            f"{resume} is incomplete (no readable trainer_state.json for its step): the run stopped while "
+            f"writing it. Resume from {last or 'scratch'} instead (--resume_from_checkpoint auto picks it)."
+        )
+    return resume
+
+
+class MultimodalTrainer(Trainer):
+    """`Trainer` with length grouping from precomputed lengths and a projector learning rate."""
+
+    def __init__(self, *args, projector_lr: float | None = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.projector_lr = projector_lr
+
+    def _save_checkpoint(self, model, trial):
+        # A folder for this step may be left from a run that resumed from an earlier checkpoint:
+        # its old trainer_state.json goes first, or a save cut off half-way would pass as complete.
+        if self.args.should_save:
+            folder = Path(self.args.output_dir) / f"checkpoint-{self.state.global_step}"
+            (folder / "trainer_state.json").unlink(missing_ok=True)
+        super()._save_checkpoint(model, trial)
+
+    def _get_train_sampler(self, train_dataset=None):
+        dataset = train_dataset if train_dataset is not None else self.train_dataset
+        if self.args.train_sampling_strategy == "group_by_length" and hasattr(dataset, "lengths"):
+            batch = self.args.train_batch_size * self.args.gradient_accumulation_steps
+            return LengthGroupedSampler(batch, lengths=dataset.lengths)
+        return super()._get_train_sampler(train_dataset)
+
+    def create_optimizer(self, model=None):
+        if self.projector_lr is None or self.optimizer is not None:
+            return super().create_optimizer(model)
+        model = self.model if model is None else model
+        decay = set(self.get_decay_parameter_names(model))
+        groups = {}
+        for name, param in model.named_parameters():
+            if not param.requires_grad:
+                continue
+            is_projector = any(p in name for p in PROJECTORS)
+            key = (is_projector, name in decay)
+            groups.setdefault(key, []).append(param)
+        optimizer_cls, optimizer_kwargs = self.get_optimizer_cls_and_kwargs(self.args, model)
+        self.optimizer = optimizer_cls(
+            [
+                {"params": params, "weight_decay": self.args.weight_decay if decayed else 0.0,
+                 **({"lr": self.projector_lr} if is_projector else {})}
+                for (is_projector, decayed), params in groups.items()
+            ],
+            **optimizer_kwargs,
+        )
+        return self.optimizer
+
+
+class LossHistory(TrainerCallback):
+    def __init__(self):
+        self.steps, self.losses = [], []
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if logs and "loss" in logs:
+            self.steps.append(state.global_step)
+            self.losses.append(logs["loss"])
+
+
+def plot_loss(history: LossHistory, path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axis = plt.subplots(figsize=(6, 3.5))
+    axis.plot(history.steps, history.losses, marker=".")
+    axis.set(xlabel="step", ylabel="training loss", title=title)
+    axis.grid(alpha=0.3)
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+
+
+def peak_memory_mb() -> float:
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
+@torch.no_grad()
+def compare_logits(reference, candidate, batches: list[dict]) -> dict:
+    """How far the merged model's logits are from the trained (4-bit + LoRA) model's."""
+    max_diff, mean_diffs, agree = 0.0, [], []
+    for batch in batches:
+        a = reference(**batch).logits.float()
+        b = candidate(**batch).logits.float()
+        mask = batch["attention_mask"].bool()
+        diff = (a - b).abs()[mask]
+        max_diff = max(max_diff, diff.max().item())
+        mean_diffs.append(diff.mean().item())
+        agree.append((a.argmax(-1) == b.argmax(-1))[mask].float().mean().item())
+    return {"max_abs_logit_diff": max_diff, "mean_abs_logit_diff": sum(mean_diffs) / len(mean_diffs),
+            "top1_agreement": sum(agree) / len(agree)}
+
+
+def quantized_linears(model) -> list[tuple[str, torch.nn.Module]]:
+    import bitsandbytes as bnb
+
+    return [(name, module) for name, module in model.named_modules() if isinstance(module, bnb.nn.Linear4bit)]
+
+
+def use_compute_dtype_on_cpu(model) -> None:
+    """Make 4-bit layers compute in their compute dtype on the CPU, as they do on a GPU.
+
+    On CPUs with AVX512-BF16, bitsandbytes repacks a 4-bit weight for a bf16 kernel the first time
+    the layer runs in eval mode without grad; that kernel's rounding (~1e-2 on a logit) would hide
+    what a merge comparison is meant to show.
+    """
+    for _, module in quantized_linears(model):
+        module.support_avx512bf16_for_cpu = False
+
+
+def copy_dequantized_weights(target, trained) -> int:
+    """Overwrite `target`'s linears with the dequantized 4-bit weights of `trained`; returns how many.
+
+    The adapter was trained against the NF4 weights, not the original ones: merging it into the
+    original full-precision base would add the quantization error of every layer back in.
+    """
+    import bitsandbytes as bnb
+
+    linears = quantized_linears(trained)
+    for name, module in linears:
+        if getattr(module.weight.quant_state, "packing_format_for_cpu", False):
+            module.state_dict()  # saving restores bitsandbytes' standard layout from its CPU inference one
+        weight = bnb.functional.dequantize_4bit(module.weight.data, module.weight.quant_state)
+        path = name.removeprefix("base_model.model.").removesuffix(".base_layer")
+        target.get_submodule(path).weight.data.copy_(weight)
+    return len(linears)
+
+
+def merge_and_save(trained, base: str, adapter_dir: Path, processor, out_dir: Path, samples: list[dict], dtype):
+    """Dequantize the trained base into full precision, merge the adapter, compare, save. Returns the report."""
+    from peft import PeftModel
+
+    full = Phi3ProjectorForConditionalGeneration.from_pretrained(base, dtype=dtype, use_safetensors=True)
+    dequantized = copy_dequantized_weights(full, trained)
+    merged = PeftModel.from_pretrained(full, adapter_dir).merge_and_unload()
+    merged.eval()
+    trained.eval()
+    use_compute_dtype_on_cpu(trained)
+    report = {**compare_logits(trained, merged, samples), "dequantized_linears": dequantized}
+    save_checkpoint(merged, processor, out_dir)
+    return report
+
+
+def write_model_card(out_dir: Path, summary: dict) -> None:
+    evaluation = summary.get("eval", {}).get("by_type", {})
+    rows = "\n".join(f"| {k} | {v['n']} | {100 * v['score']:.1f}% |" for k, v in evaluation.items())
+    card = f"""---
+library_name: transformers
+pipeline_tag: image-text-to-text
+tags: [phi3, clip, whisper, llava, multimodal, qlora]
+---
+# Phi-3.5 + CLIP + Whisper multimodal model
+
+Trained with `train_trainer.py` (stage `{summary['stage']}`, tuning `{summary['tuning']}`), {summary['steps']} steps.
+Loads with remote code; pin a `revision` when you trust remote code:
+
+```python
+from transformers import AutoModelForCausalLM, AutoProcessor
+model = AutoModelForCausalLM.from_pretrained("REPO", trust_remote_code=True, revision="COMMIT")
+processor = AutoProcessor.from_pretrained("REPO", trust_remote_code=True, revision="COMMIT")
+```
+""" + (f"\n## Held-out accuracy\n\n| type | n | accuracy |\n|---|---|---|\n{rows}\n" if rows else "")
+    (out_dir / "README.md").write_text(card)
+
+
+def train(model_args: ModelArguments, data_args: DataArguments, training_args: TrainingArguments) -> dict:
+    """One training stage end to end; returns the run summary (also written to OUTPUT_DIR)."""
+    if training_args.world_size > 1 and training_args.parallel_mode != ParallelMode.DISTRIBUTED:
+        # torchrun / accelerate launch without GPUs: accelerate only goes multi-CPU when told to,
+        # otherwise every process silently trains its own unsynchronised copy.
+        raise ValueError(f"{training_args.world_size} processes but no distributed backend: add --use_cpu true to train on CPUs")
+    set_seed(training_args.seed)  # the LoRA init happens before Trainer seeds anything
+    output_dir = Path(training_args.output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    training_args.remove_unused_columns = False  # the collator's media keys are not in any dataset column
+    training_args.label_names = ["labels"]
+    with training_args.main_process_first(desc="assembling the base model"):  # one process writes output_dir/base
+        model, processor, base = load_base(model_args, output_dir)
+    model.config.use_cache = False
+    model = prepare_for_training(model, model_args, training_args)
+
+    vision_cache = None
+    if data_args.vision_cache_dir:
+        if model_args.train_vision_tower:
+            raise ValueError("--vision_cache_dir skips the vision tower, so it cannot be combined with --train_vision_tower")
+        from phi3mm.vision_cache import VisionFeatureCache
+
+        vision_cache = VisionFeatureCache(data_args.vision_cache_dir, model.config)
+    dataset = LlavaDataset(
+        read_rows(data_args.data_path), processor, data_args.image_folder, data_args.audio_folder,
+        max_length=data_args.max_length, strict=data_args.strict, vision_cache=vision_cache,
+    )
+    history = LossHistory()
+    trainer = MultimodalTrainer(
+        model=model,
+        args=training_args,
+        train_dataset=dataset,
+        data_collator=MultimodalCollator(processor.tokenizer.pad_token_id),
+        callbacks=[history],
+        projector_lr=model_args.projector_lr,
+    )
+    start = time.perf_counter()
+    result = trainer.train(resume_from_checkpoint=resolve_resume(training_args.resume_from_checkpoint, output_dir))
+    seconds = time.perf_counter() - start
+
+    summary = {
+        "stage": model_args.stage,
+        "tuning": model_args.tuning if model_args.stage == "finetune" else "projectors",
+        "steps": trainer.state.global_step,
+        "train_loss": result.training_loss,
+        "first_logged_loss": history.losses[0] if history.losses else None,
+        "last_logged_loss": history.losses[-1] if history.losses else None,
+        "train_seconds": round(seconds, 2),
+        "samples_per_second": result.metrics.get("train_samples_per_second"),
+        "peak_memory_mb": round(peak_memory_mb(), 1),
+        "rows": len(dataset.rows),
+        "skipped_rows": dict(dataset.skipped),
+        "skipped_total": sum(dataset.skipped.values()),
+        "world_size": training_args.world_size,
+    }
+    if hasattr(model, "peft_config"):
+        # Every process: under FSDP / ZeRO-3 Trainer.save_model gathers the sharded adapter first.
+        trainer.save_model(str(output_dir / "adapter"))
+    if not trainer.is_world_process_zero():
+        return summary
+
+    model_dir = output_dir / "model"
+    if hasattr(model, "peft_config"):
+        adapter_dir = output_dir / "adapter"
+        if model_args.merge:
+            samples = [trainer.data_collator([dataset[i] for i in range(j, min(j + 2, len(dataset)))]) for j in (0, 2) if j < len(dataset)]
+            dtype = torch.bfloat16 if training_args.bf16 else torch.float32
+            summary["merge"] = merge_and_save(trainer.model, base, adapter_dir, processor, model_dir, samples, dtype)
+            print(f"merged vs trained: {summary['merge']}")
+    else:
+        save_checkpoint(trainer.model, processor, model_dir)
+
+    if data_args.eval_data_path and (model_dir / "config.json").is_file():
+        from phi3mm.evaluate import evaluate
+
+        final = Phi3ProjectorForConditionalGeneration.from_pretrained(model_dir, use_safetensors=True).eval()
+        rows = read_rows(data_args.eval_data_path)[: data_args.max_eval_samples]
+        folders = dict(image_folder=data_args.image_folder, audio_folder=data_args.audio_folder)
+        summary["eval"] = evaluate(final, processor, rows, **folders)
+        summary["eval_blank_media"] = evaluate(final, processor, rows, blank_media=True, **folders)
+    if history.losses:
+        plot_loss(history, output_dir / "loss.png", f"stage {model_args.stage}")
+    if model_dir.is_dir():
+        write_model_card(model_dir, summary)
+    (output_dir / "run_summary.json").write_text(json.dumps(summary, indent=2, default=str))
+    if training_args.push_to_hub and model_dir.is_dir():
+        from huggingface_hub import HfApi
+
+        repo = training_args.hub_model_id or output_dir.name
+        HfApi().create_repo(repo, exist_ok=True, private=training_args.hub_private_repo)
+        HfApi().upload_folder(folder_path=str(model_dir), repo_id=repo, commit_message="Merged multimodal model")
+    return summary
+
+
+__all__ = [
+    "DataArguments", "LORA_TARGETS", "ModelArguments", "MultimodalTrainer", "PROJECTORS", "checkpoint_is_complete",
+    "copy_dequantized_weights", "last_complete_checkpoint", "load_base", "merge_and_save", "prepare_for_training",
+    "quantization_config", "resolve_resume", "train", "use_compute_dtype_on_cpu",
+]  # fmt: skip
