@@ -12,8 +12,6 @@ so it can never disagree with the towers.
 
 from __future__ import annotations
 
-import math
-
 from transformers import AutoConfig, PretrainedConfig
 from transformers.configuration_utils import SubConfigSpec
 
@@ -21,6 +19,25 @@ from transformers.configuration_utils import SubConfigSpec
 # take the first spare rows, so adding them needs no resize of the embedding or the head.
 DEFAULT_IMAGE_TOKEN_ID = 32011
 DEFAULT_AUDIO_TOKEN_ID = 32012
+
+SAMPLING_RATE = 16_000  # Whisper's, and so every audio input's after loading
+HOP_LENGTH = 160  # samples per mel frame at 16 kHz; Whisper's encoder halves the frames again
+
+
+def audio_token_count(mel_frames, stack_factor: int, max_frames: int):
+    """Audio tokens for one window of `mel_frames` real mel frames: the one formula the processor
+    (placeholder expansion), the data set (length grouping) and the model (trimming) all use.
+
+    The encoder halves the mel frames (50 per second), at most `max_frames` of them fill a window,
+    and `stack_factor` of them make one token. Works on ints and on integer tensors alike.
+    """
+    encoder_frames = (mel_frames + 1) // 2
+    if isinstance(encoder_frames, int):
+        encoder_frames = min(max(encoder_frames, 1), max_frames)
+    else:
+        encoder_frames = encoder_frames.clamp(1, max_frames)
+    return -(-encoder_frames // stack_factor)
+
 
 AUTO_MAP = {
     "AutoConfig": "configuration_phi3_projector.Phi3ProjectorConfig",
@@ -148,9 +165,10 @@ class Phi3ProjectorConfig(PretrainedConfig):
         """Tokens a full 30 s window of audio takes (the encoder gives 50 frames per second)."""
         if self.audio_config is None:
             return 0
-        return math.ceil(self.audio_config.max_source_positions / self.audio_stack_factor)
+        max_frames = self.audio_config.max_source_positions
+        return audio_token_count(2 * max_frames, self.audio_stack_factor, max_frames)
 
 
-__all__ = ["Phi3ProjectorConfig", "DEFAULT_IMAGE_TOKEN_ID", "DEFAULT_AUDIO_TOKEN_ID"]
+__all__ = ["Phi3ProjectorConfig", "DEFAULT_IMAGE_TOKEN_ID", "DEFAULT_AUDIO_TOKEN_ID", "SAMPLING_RATE", "audio_token_count"]
 
 Phi3ProjectorConfig.register_for_auto_class()

@@ -27,9 +27,11 @@ from transformers.modeling_outputs import ModelOutput
 from transformers.models.whisper.modeling_whisper import WhisperEncoder
 
 try:  # loaded as Hub remote code (a package)
-    from .configuration_phi3_projector import Phi3ProjectorConfig
+    from .configuration_phi3_projector import Phi3ProjectorConfig, audio_token_count
 except ImportError:  # imported from the repository root
-    from configuration_phi3_projector import Phi3ProjectorConfig
+    from configuration_phi3_projector import Phi3ProjectorConfig, audio_token_count
+
+IGNORE_INDEX = -100  # the label of a position no loss is taken at (PyTorch's cross-entropy default)
 
 
 @dataclass
@@ -241,9 +243,7 @@ class Phi3ProjectorModel(Phi3ProjectorPreTrainedModel):
 
     def audio_token_counts(self, mel_lengths: torch.Tensor) -> torch.Tensor:
         """Audio tokens per window for windows of `mel_lengths` real mel frames (the encoder halves them)."""
-        max_frames = self.config.audio_config.max_source_positions
-        encoder_frames = ((mel_lengths + 1) // 2).clamp(1, max_frames)
-        return (encoder_frames + self.config.audio_stack_factor - 1) // self.config.audio_stack_factor
+        return audio_token_count(mel_lengths, self.config.audio_stack_factor, self.config.audio_config.max_source_positions)
 
     def _scatter(self, input_ids, inputs_embeds, features, token_id, modality):
         mask = input_ids == token_id
@@ -294,14 +294,16 @@ class Phi3ProjectorModel(Phi3ProjectorPreTrainedModel):
             audio_features = self.get_audio_features(input_features, input_features_mask)
             inputs_embeds = self._scatter(input_ids, inputs_embeds, audio_features, self.config.audio_token_id, "audio")
 
+        return_dict = kwargs.pop("return_dict", None)
         outputs = self.language_model(
             attention_mask=attention_mask,
             position_ids=position_ids,
             past_key_values=past_key_values,
             inputs_embeds=inputs_embeds,
+            return_dict=True,
             **kwargs,
         )
-        return Phi3ProjectorModelOutput(
+        output = Phi3ProjectorModelOutput(
             last_hidden_state=outputs.last_hidden_state,
             past_key_values=outputs.past_key_values,
             hidden_states=outputs.hidden_states,
@@ -309,6 +311,7 @@ class Phi3ProjectorModel(Phi3ProjectorPreTrainedModel):
             image_hidden_states=image_features,
             audio_hidden_states=audio_features,
         )
+        return output if return_dict is not False else output.to_tuple()
 
 
 class Phi3ProjectorForConditionalGeneration(Phi3ProjectorPreTrainedModel, GenerationMixin):
@@ -353,6 +356,7 @@ class Phi3ProjectorForConditionalGeneration(Phi3ProjectorPreTrainedModel, Genera
         inputs_embeds: torch.FloatTensor | None = None,
         labels: torch.LongTensor | None = None,
         logits_to_keep: int | torch.Tensor = 0,
+        skip_logits: bool = False,
         **kwargs,
     ) -> Phi3ProjectorCausalLMOutput:
         r"""
@@ -362,9 +366,10 @@ class Phi3ProjectorForConditionalGeneration(Phi3ProjectorPreTrainedModel, Genera
         (windows, 3000) for the audio; labels (batch, seq) with -100 where no loss is taken
         (shifted here, once).
 
-        In training mode with labels, the head runs only at the supervised positions and `logits`
-        is None: the loss is the same, without the (batch, seq, vocab) logits of every image and
-        prompt token. In eval mode the full logits come back as usual.
+        `skip_logits=True` with labels runs the head only at the supervised positions and returns
+        `logits=None`: the loss is the same, without the (batch, seq, vocab) logits of every image
+        and prompt token (Liger's option of the same name). This project's trainer turns it on;
+        by default the full logits come back, in training mode too.
 
         Example:
 
@@ -374,6 +379,7 @@ class Phi3ProjectorForConditionalGeneration(Phi3ProjectorPreTrainedModel, Genera
         >>> processor.decode(model.generate(**inputs, max_new_tokens=8)[0, inputs["input_ids"].shape[1]:])
         ```
         """
+        return_dict = kwargs.pop("return_dict", None)
         outputs = self.model(
             input_ids=input_ids,
             pixel_values=pixel_values,
@@ -388,7 +394,7 @@ class Phi3ProjectorForConditionalGeneration(Phi3ProjectorPreTrainedModel, Genera
         )
         hidden_states = outputs.last_hidden_state
         loss = logits = None
-        if labels is not None and self.training and isinstance(logits_to_keep, int) and logits_to_keep == 0:
+        if skip_logits and labels is not None and isinstance(logits_to_keep, int) and logits_to_keep == 0:
             loss = self._supervised_loss(hidden_states, labels, **kwargs)
         else:
             if isinstance(logits_to_keep, int):
@@ -400,7 +406,7 @@ class Phi3ProjectorForConditionalGeneration(Phi3ProjectorPreTrainedModel, Genera
                 loss = self.loss_function(
                     logits=logits, labels=labels, vocab_size=self.config.text_config.vocab_size, **kwargs
                 )
-        return Phi3ProjectorCausalLMOutput(
+        output = Phi3ProjectorCausalLMOutput(
             loss=loss,
             logits=logits,
             past_key_values=outputs.past_key_values,
@@ -409,6 +415,7 @@ class Phi3ProjectorForConditionalGeneration(Phi3ProjectorPreTrainedModel, Genera
             image_hidden_states=outputs.image_hidden_states,
             audio_hidden_states=outputs.audio_hidden_states,
         )
+        return output if return_dict is not False else output.to_tuple()
 
     def _supervised_loss(self, hidden_states, labels, num_items_in_batch=None, shift_labels=None, **_) -> torch.Tensor:
         """transformers' causal-LM loss (same shift, -100 ignored, same reduction with and without
@@ -416,9 +423,9 @@ class Phi3ProjectorForConditionalGeneration(Phi3ProjectorPreTrainedModel, Genera
         are mostly unsupervised (576 image tokens and the question), and at Phi-3.5's 32k
         vocabulary the skipped logits are the largest activation of the step."""
         if shift_labels is None:  # tokens < n predict n; the last one predicts nothing
-            shift_labels = nn.functional.pad(labels, (0, 1), value=-100)[:, 1:]
+            shift_labels = nn.functional.pad(labels, (0, 1), value=IGNORE_INDEX)[:, 1:]
         shift_labels = shift_labels.to(hidden_states.device)
-        supervised = shift_labels != -100
+        supervised = shift_labels != IGNORE_INDEX
         logits = self.lm_head(hidden_states[supervised]).float()
         return fixed_cross_entropy(logits, shift_labels[supervised], num_items_in_batch)
 
@@ -432,6 +439,7 @@ class Phi3ProjectorForConditionalGeneration(Phi3ProjectorPreTrainedModel, Genera
 
 
 __all__ = [
+    "IGNORE_INDEX",
     "Phi3ProjectorAudioProjector",
     "Phi3ProjectorForConditionalGeneration",
     "Phi3ProjectorModel",

@@ -26,13 +26,15 @@ import numpy as np
 from PIL import Image
 from transformers import BatchFeature, ProcessorMixin
 
+try:  # loaded as Hub remote code (a package)
+    from .configuration_phi3_projector import HOP_LENGTH, SAMPLING_RATE, audio_token_count
+except ImportError:  # imported from the repository root
+    from configuration_phi3_projector import HOP_LENGTH, SAMPLING_RATE, audio_token_count
+
 try:
     import soundfile
 except ImportError:  # audio files can't be decoded, arrays still work
     soundfile = None
-
-SAMPLING_RATE = 16_000
-HOP_LENGTH = 160  # samples per mel frame at 16 kHz; the encoder halves the frames again
 # Bounds on what one upload may cost. A 100 MP image is ~300 MB decoded (a 10 kB PNG can claim far
 # more: a decompression bomb); 30 minutes of audio is 29 M samples at 16 kHz. Both are refused with
 # a ValueError above these.
@@ -273,6 +275,11 @@ def split_windows(wave: np.ndarray, window: int) -> list[np.ndarray]:
     return [wave[start : start + window] for start in range(0, len(wave), window)]
 
 
+def _window_lengths(n_samples: int, window: int) -> list[int]:
+    """Lengths of `split_windows`' pieces for a clip of `n_samples` (one empty window for no samples)."""
+    return [min(window, n_samples - start) for start in range(0, n_samples, window)] or [0]
+
+
 class MultimodalProcessor(ProcessorMixin):
     """Phi-3.5 tokenizer, CLIP image processor and Whisper feature extractor.
 
@@ -320,10 +327,12 @@ class MultimodalProcessor(ProcessorMixin):
         return self.audio_max_frames * 2 * HOP_LENGTH
 
     def audio_token_count(self, n_samples: int) -> int:
-        """Audio tokens for a 16 kHz window of `n_samples` (the model's `audio_token_counts`, per window)."""
-        mel_frames = math.ceil(n_samples / HOP_LENGTH)
-        encoder_frames = min(max((mel_frames + 1) // 2, 1), self.audio_max_frames)
-        return math.ceil(encoder_frames / self.audio_stack_factor)
+        """Audio tokens for a whole 16 kHz clip of `n_samples`, over all its 30 s windows: what its
+        `<audio>` placeholder expands to, and what the model writes over it."""
+        return sum(
+            audio_token_count(math.ceil(n / HOP_LENGTH), self.audio_stack_factor, self.audio_max_frames)
+            for n in _window_lengths(n_samples, self.window_samples)
+        )
 
     def __call__(
         self,
@@ -399,7 +408,7 @@ class MultimodalProcessor(ProcessorMixin):
             clip_windows = split_windows(load_audio(clip, i, sampling_rate), self.window_samples)
             windows += clip_windows
             lengths += [len(w) for w in clip_windows]
-            tokens.append(sum(self.audio_token_count(len(w)) for w in clip_windows))
+            tokens.append(self.audio_token_count(sum(len(w) for w in clip_windows)))
         features = self.feature_extractor(
             windows, sampling_rate=SAMPLING_RATE, padding="max_length", max_length=self.window_samples, return_tensors="np"
         )["input_features"]

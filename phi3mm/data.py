@@ -20,11 +20,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from modeling_phi3_projector import IGNORE_INDEX
 from processing_multimodal import SAMPLING_RATE, load_audio, load_image
 
 logger = logging.getLogger(__name__)
 
-IGNORE_INDEX = -100
+END_OF_TURN = "<|end|>"  # Phi-3's closing token of every turn: trained with each answer, or generation never stops
 ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
 
 
@@ -52,10 +53,16 @@ def read_rows(data_path) -> list[dict]:
     return rows
 
 
-def _as_list(value) -> list:
+def as_list(value) -> list:
+    """A row's media entry (None, one name, or a list of names) as a list."""
     if value is None or value == "":
         return []
     return list(value) if isinstance(value, (list, tuple)) else [value]
+
+
+def media_paths(row: dict, key: str, folder: str | os.PathLike | None) -> list[Path]:
+    """The files of a row's `image` or `audio` entry, relative to `folder` when one is given."""
+    return [Path(folder) / str(name) if folder else Path(str(name)) for name in as_list(row.get(key))]
 
 
 def row_messages(row: dict, image_token: str = "<image>", audio_token: str = "<audio>") -> list[dict]:
@@ -72,12 +79,14 @@ def row_messages(row: dict, image_token: str = "<image>", audio_token: str = "<a
         role = ROLES.get(str(turn.get("from", "")).lower()) if isinstance(turn, dict) else None
         if role is None or not isinstance(turn.get("value"), str):
             raise ValueError(f"bad turn {turn!r}")
+        if role == "assistant" and not any(m["role"] == "user" for m in messages):
+            continue  # an answer to nothing (some ShareGPT rows open with one): LLaVA skips it too
         messages.append({"role": role, "content": turn["value"]})
     first_user = next((m for m in messages if m["role"] == "user"), None)
     if first_user is None or not any(m["role"] == "assistant" for m in messages):
         raise ValueError("needs a human and a gpt turn")
     for token, key in ((image_token, "image"), (audio_token, "audio")):
-        n_media, n_slots = len(_as_list(row.get(key))), sum(m["content"].count(token) for m in messages)
+        n_media, n_slots = len(as_list(row.get(key))), sum(m["content"].count(token) for m in messages)
         if n_slots == 0 and n_media:
             first_user["content"] = (token + "\n") * n_media + first_user["content"]
         elif n_slots != n_media:
@@ -134,8 +143,7 @@ class LlavaDataset(torch.utils.data.Dataset):
         self.lengths = self._token_counts()
 
     def media_paths(self, row: dict, key: str) -> list[Path]:
-        folder = self.image_folder if key == "image" else self.audio_folder
-        return [(folder / name) if folder else Path(name) for name in _as_list(row.get(key))]
+        return media_paths(row, key, self.image_folder if key == "image" else self.audio_folder)
 
     @property
     def skipped(self) -> Counter:
@@ -151,28 +159,19 @@ class LlavaDataset(torch.utils.data.Dataset):
     def _token_counts(self) -> list[int]:
         """Tokens per row for length-grouped batching, without decoding any media.
 
-        Text is tokenized for real (a chars-per-token guess off by 10% already drops grouped padding
-        efficiency below 95%); images count image_seq_length each; audio counts from the file
-        header's duration, or 50 tokens (5 s) where the header can't be read.
+        Text is rendered by the chat template and tokenized for real (a chars-per-token guess off by
+        10% already drops grouped padding efficiency below 95%); each image counts image_seq_length
+        tokens; each clip counts the processor's tokens for the duration in its file header.
         """
-        texts = ["".join(f"<|{ROLES.get(str(turn['from']).lower())}|>\n{turn['value']}<|end|>\n" for turn in row["conversations"]) for row in self.rows]
+        texts = [render_chat(self.processor, row_messages(row, self.processor.image_token, self.processor.audio_token)) for row in self.rows]
         text_tokens = [len(ids) for ids in self.processor.tokenizer(texts, add_special_tokens=False)["input_ids"]] if texts else []
         counts = []
         for row, n_text in zip(self.rows, text_tokens):
-            n = n_text + len(_as_list(row.get("image"))) * (self.processor.image_seq_length - 1)
+            n = n_text + len(as_list(row.get("image"))) * (self.processor.image_seq_length - 1)
             for path in self.media_paths(row, "audio"):
-                n += self._audio_tokens(path) - 1
+                n += audio_tokens_from_header(self.processor, path) - 1
             counts.append(n)
         return counts
-
-    def _audio_tokens(self, path: Path) -> int:
-        try:
-            import soundfile
-
-            seconds = soundfile.info(str(path)).duration
-        except Exception:  # no soundfile, or a header it can't read: decoding will tell later
-            return 50
-        return self.processor.audio_token_count(round(seconds * SAMPLING_RATE)) * max(1, math.ceil(seconds * SAMPLING_RATE / self.processor.window_samples))
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -195,7 +194,7 @@ class LlavaDataset(torch.utils.data.Dataset):
         messages = row_messages(row, self.processor.image_token, self.processor.audio_token)
         images = self.media_paths(row, "image")
         if self.vision_cache is not None:
-            image_inputs = [self.vision_cache.load(name) for name in _as_list(row.get("image"))]
+            image_inputs = [self.vision_cache.load(name) for name in as_list(row.get("image"))]
         else:
             try:
                 image_inputs = [load_image(path, i) for i, path in enumerate(images)]
@@ -208,6 +207,30 @@ class LlavaDataset(torch.utils.data.Dataset):
         return encode_conversation(
             self.processor, messages, image_inputs, clips, self.max_length, precomputed=self.vision_cache is not None
         )
+
+
+def audio_tokens_from_header(processor, path: Path) -> int:
+    """The audio tokens a clip file will take, from the duration in its header (no decoding);
+    5 s worth where the header can't be read (decoding will tell later)."""
+    try:
+        import soundfile
+
+        info = soundfile.info(str(path))
+        n_samples = math.ceil(info.frames * SAMPLING_RATE / info.samplerate)
+    except Exception:  # no soundfile, or a header it can't read
+        n_samples = 5 * SAMPLING_RATE
+    return processor.audio_token_count(n_samples)
+
+
+def render_chat(processor, messages: list[dict], add_generation_prompt: bool = False) -> str:
+    """The conversation as the model reads it: the processor's chat template, at training and at
+    inference alike (a second, hand-written copy of the format would drift from it). Without a
+    generation prompt, the eos the template closes a finished conversation with is left off:
+    training sequences end with the last answer's <|end|>."""
+    if not messages:
+        return ""
+    text = processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+    return text if add_generation_prompt else text.removesuffix(processor.tokenizer.eos_token or "")
 
 
 class _Skip(Exception):
@@ -224,32 +247,42 @@ def encode_conversation(processor, messages, images, clips, max_length: int, pre
     `max_length` are dropped with their media, so an image or audio block is never cut; only the
     text of the last kept answer may be shortened. Raises `_Skip` when not even the first turn fits.
     """
-    # The conversation is rendered to one string and tokenized once, exactly as the chat template
-    # renders it at inference; labels come from character spans (each answer + its <|end|>), so
-    # a tokenizer that treats piece starts specially (SentencePiece's leading "▁") cannot shift them.
+    # The conversation is rendered by the chat template and tokenized once, exactly as inference
+    # renders it; placeholders are expanded in the messages first. Where each turn and each answer
+    # starts comes from rendering the messages before it (the template renders message by message,
+    # so a prefix renders to a prefix); an answer's span runs to its closing <|end|>. Labels then
+    # come from character spans, so a tokenizer that treats piece starts specially (SentencePiece's
+    # leading "▁") cannot shift them.
     image_iter, clip_iter = iter(images), iter(clips)
-    text, answer_spans = "", []
+    expanded: list[dict] = []
     units: list[dict] = []  # one per turn: where its text starts, its media
+    answer_starts: list[tuple[int, str]] = []
     for message in messages:
         # A system message opens the first turn; each further user message opens a new one.
         if not units or (message["role"] == "user" and units[-1]["has_user"]):
-            units.append({"start": len(text), "images": [], "clips": [], "has_user": False})
+            start = len(render_chat(processor, expanded))
+            units.append({"start": start, "images": [], "clips": [], "has_user": False})
         unit = units[-1]
         unit["has_user"] |= message["role"] == "user"
-        text += f"<|{message['role']}|>\n"
+        content = message["content"]
         if message["role"] == "assistant":
-            answer_spans.append((len(text), len(text) + len(message["content"]) + len("<|end|>")))
-            text += message["content"] + "<|end|>\n"
-            continue
-        n_images = message["content"].count(processor.image_token)
-        n_clips = message["content"].count(processor.audio_token)
-        unit["images"] += [next(image_iter) for _ in range(n_images)]
-        unit_clips = [next(clip_iter) for _ in range(n_clips)]
-        audio_tokens = []
-        if unit_clips:
-            features, mask, audio_tokens = processor.process_audio(unit_clips, SAMPLING_RATE)
-            unit["clips"].append((features, mask))
-        text += processor.expand_placeholders(message["content"], audio_tokens) + "<|end|>\n"
+            answer_starts.append((len(render_chat(processor, expanded, add_generation_prompt=True)), content))
+        else:
+            unit["images"] += [next(image_iter) for _ in range(content.count(processor.image_token))]
+            unit_clips = [next(clip_iter) for _ in range(content.count(processor.audio_token))]
+            audio_tokens = []
+            if unit_clips:
+                features, mask, audio_tokens = processor.process_audio(unit_clips, SAMPLING_RATE)
+                unit["clips"].append((features, mask))
+            content = processor.expand_placeholders(content, audio_tokens)
+        expanded.append({"role": message["role"], "content": content})
+    text = render_chat(processor, expanded)
+    answer_spans = []
+    for start, content in answer_starts:
+        end = text.find(END_OF_TURN, start + len(content))
+        if not text.startswith(content, start) or end < 0:
+            raise ValueError("the chat template does not render an answer followed by its end-of-turn token")
+        answer_spans.append((start, end + len(END_OF_TURN)))
 
     encoded = processor.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
     ids, offsets = encoded["input_ids"], encoded["offset_mapping"]
@@ -323,4 +356,7 @@ class MultimodalCollator:
         return batch
 
 
-__all__ = ["IGNORE_INDEX", "LlavaDataset", "MultimodalCollator", "encode_conversation", "read_rows", "row_messages"]
+__all__ = [
+    "IGNORE_INDEX", "LlavaDataset", "MultimodalCollator", "as_list", "audio_tokens_from_header", "encode_conversation",
+    "media_paths", "read_rows", "render_chat", "row_messages",
+]  # fmt: skip

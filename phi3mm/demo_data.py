@@ -24,7 +24,9 @@ import numpy as np
 import soundfile as sf
 from PIL import Image, ImageDraw
 
-SR = 16000
+from configuration_phi3_projector import SAMPLING_RATE
+
+SR = SAMPLING_RATE  # the model's input rate: clips need no resampling
 COLORS = {"red": (220, 20, 20), "green": (20, 160, 40), "blue": (30, 60, 220), "yellow": (240, 200, 0)}
 # Deliberately different shades for the independent set, so it does not reuse the generator's exact RGB.
 IND_COLORS = {"red": (232, 38, 48), "green": (45, 178, 75), "blue": (55, 85, 205), "yellow": (250, 218, 45)}

@@ -23,9 +23,8 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import math
 import os
-from collections import Counter, defaultdict
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -34,14 +33,9 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
-from phi3mm.data import read_rows, row_messages
-from phi3mm.metrics import corpus_bleu, exact_match, markdown_table, vqa_soft_score, word_error_rate
+from phi3mm.data import as_list, audio_tokens_from_header, media_paths, read_rows, row_messages
+from phi3mm.metrics import corpus_bleu, exact_match, markdown_table, summarize, vqa_soft_score, word_error_rate
 from processing_multimodal import SAMPLING_RATE, load_audio, load_image
-
-try:
-    import soundfile
-except ImportError:  # only the length estimate for sorting needs it
-    soundfile = None
 
 logger = logging.getLogger(__name__)
 
@@ -68,16 +62,6 @@ class Item:
     media: dict = field(default_factory=dict)
 
 
-def _as_list(value) -> list:
-    if value is None or value == "":
-        return []
-    return list(value) if isinstance(value, (list, tuple)) else [value]
-
-
-def _media_path(folder: str | os.PathLike | None, name) -> Path:
-    return Path(folder) / str(name) if folder else Path(str(name))
-
-
 def prepare_row(
     row: dict,
     index: int,
@@ -101,7 +85,7 @@ def prepare_row(
         if "answer" in row and references is None:
             references = [row["answer"]]
         kinds = ((image_token, "image"), (audio_token, "audio"))
-        tags = [token for token, key in kinds for _ in _as_list(row.get(key))]
+        tags = [token for token, key in kinds for _ in as_list(row.get(key))]
         if image_token not in question and audio_token not in question:
             question = "\n".join(tags + [question])
         messages = [{"role": "user", "content": question}]
@@ -114,8 +98,8 @@ def prepare_row(
 
     # Media whose placeholder sits in a turn after the reference are not sent (the prompt lacks it).
     prompt = processor.apply_chat_template(messages, add_generation_prompt=True)
-    images = [_media_path(image_folder, n) for n in _as_list(row.get("image"))][: prompt.count(image_token)]
-    audio = [_media_path(audio_folder, n) for n in _as_list(row.get("audio"))][: prompt.count(audio_token)]
+    images = media_paths(row, "image", image_folder)[: prompt.count(image_token)]
+    audio = media_paths(row, "audio", audio_folder)[: prompt.count(audio_token)]
     for path in images + audio:
         if not path.is_file():
             raise FileNotFoundError(f"missing media file {path}")
@@ -135,12 +119,7 @@ def _estimate_length(item: Item, processor) -> int:
     """Prompt tokens with media expanded; audio from the file header (no decoding)."""
     n = len(processor.tokenizer(item.prompt, add_special_tokens=False)["input_ids"])
     n += len(item.images) * (processor.image_seq_length - 1)
-    for path in item.audio:
-        try:
-            seconds = soundfile.info(str(path)).duration
-        except Exception:  # no soundfile, or a header it cannot read: the clip fails later anyway
-            seconds = 1.0
-        n += math.ceil(seconds * 50 / processor.audio_stack_factor)  # 50 encoder frames a second
+    n += sum(audio_tokens_from_header(processor, path) - 1 for path in item.audio)
     return n
 
 
@@ -175,23 +154,11 @@ def _score(metric: str, predictions: list[str], references: list[list[str]]) -> 
     return sum(max(exact_match(p, r) for r in refs) for p, refs in zip(predictions, references)) / len(predictions)
 
 
-def _summarize(items: list[Item]) -> dict:
-    """Overall and per-type scores; corpus metrics over the group, the others as row means."""
-
-    def group(members: list[Item]) -> dict:
-        if not members:
-            return {"score": 0.0, "n": 0}
-        if members[0].metric in CORPUS_METRICS:
-            score = _score(members[0].metric, [m.prediction for m in members], [m.references for m in members])
-        else:  # exact match and VQA rows are both accuracies, so they average together
-            score = sum(m.score for m in members) / len(members)
-        return {"score": score, "n": len(members)}
-
-    by_type = defaultdict(list)
-    if any(item.question_type for item in items):
-        for item in items:
-            by_type[str(item.question_type or "unknown")].append(item)
-    return {"overall": group(items), "by_type": {t: group(by_type[t]) for t in sorted(by_type)}}
+def _group_score(members: list[Item]) -> float:
+    """Corpus metrics over the whole group; exact match and VQA rows are both accuracies, so they average."""
+    if members[0].metric in CORPUS_METRICS:
+        return _score(members[0].metric, [m.prediction for m in members], [m.references for m in members])
+    return sum(m.score for m in members) / len(members)
 
 
 @torch.inference_mode()
@@ -280,7 +247,7 @@ def evaluate(
         "skipped": sum(skipped.values()),
         "skip_reasons": dict(skipped),
         "metric": "+".join(metrics) or (metric if metric != "auto" else "exact_match"),
-        **_summarize(answered),
+        **summarize(answered, _group_score),
         "predictions": [
             {
                 "id": item.id,

@@ -178,17 +178,28 @@ def word_error_rate(predictions: Sequence[str], references: Sequence[str]) -> fl
     return edits / max(n_ref, 1)
 
 
-def summarize(records: Sequence[dict]) -> dict:
-    """Mean score and count overall and per `question_type` (missing type -> "unknown")."""
-    groups: dict[str, list[float]] = defaultdict(list)
-    for rec in records:
-        groups[str(rec.get("question_type") or "unknown")].append(float(rec["score"]))
-    scores = [s for vals in groups.values() for s in vals]
+def summarize(records: Sequence, group_score=None) -> dict:
+    """Score and count overall and per `question_type`, the one summary every report uses.
 
-    def _stat(vals: list[float]) -> dict:
-        return {"score": sum(vals) / len(vals) if vals else 0.0, "n": len(vals)}
+    `records` are dicts or objects with `question_type` and `score`; a record without a type counts
+    as "unknown", and a set with no types at all has no per-type groups. `group_score(members)` scores
+    a group (a corpus metric such as BLEU is not a mean of row scores); default: the mean score.
+    """
 
-    return {"overall": _stat(scores), "by_type": {t: _stat(groups[t]) for t in sorted(groups)}}
+    def get(record, key):
+        return record.get(key) if isinstance(record, dict) else getattr(record, key, None)
+
+    def stat(members: list) -> dict:
+        if not members:
+            return {"score": 0.0, "n": 0}
+        score = group_score(members) if group_score else sum(float(get(r, "score")) for r in members) / len(members)
+        return {"score": score, "n": len(members)}
+
+    groups: dict[str, list] = defaultdict(list)
+    if any(get(record, "question_type") for record in records):
+        for record in records:
+            groups[str(get(record, "question_type") or "unknown")].append(record)
+    return {"overall": stat(list(records)), "by_type": {t: stat(groups[t]) for t in sorted(groups)}}
 
 
 def markdown_table(summary: dict, title: str) -> str:

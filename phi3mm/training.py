@@ -240,11 +240,20 @@ def resolve_resume(resume: str | None, output_dir: Path) -> str | None:
 
 
 class MultimodalTrainer(Trainer):
-    """`Trainer` with length grouping from precomputed lengths and a projector learning rate."""
+    """`Trainer` with the logits-free training loss, length grouping from precomputed lengths and a
+    projector learning rate."""
 
     def __init__(self, *args, projector_lr: float | None = None, **kwargs):
         super().__init__(*args, **kwargs)
         self.projector_lr = projector_lr
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        # Training steps need only the loss: the head runs at the supervised positions alone (the
+        # full logits of every image and prompt token are the largest activation of a step).
+        # Evaluation asks for the outputs and gets the logits as usual.
+        if model.training and not return_outputs:
+            inputs = {**inputs, "skip_logits": True}
+        return super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
 
     def _save_checkpoint(self, model, trial):
         # A folder for this step may be left from a run that resumed from an earlier checkpoint:

@@ -254,7 +254,10 @@ class Assistant:
         # processor can read.
         media = importlib.import_module(type(processor).__module__)
         self._load_image, self._load_audio = media.load_image, media.load_audio
-        self._user_token_id = processor.tokenizer.convert_tokens_to_ids("<|user|>")
+        # The token the chat template opens every user turn with (<|user|> for Phi-3), read off the
+        # template itself rather than restated here.
+        user_turn = processor.apply_chat_template([{"role": "user", "content": "."}], add_generation_prompt=False)
+        self._user_token_id = processor.tokenizer(user_turn, add_special_tokens=False)["input_ids"][0]
         self._model_lock = threading.Lock()  # around processing + generate: one model, one tokenizer
         self._asr_lock = threading.Lock()
         self._asr_error: str | None = None

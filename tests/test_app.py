@@ -474,11 +474,18 @@ def test_concurrent_clients_all_get_answers(server):
 # ---- the page in a real browser -----------------------------------------------------------------
 
 
-@pytest.mark.slow
 def plain_words(text: str) -> list[str]:
     return re.sub(r"[*_~`#>|\\\[\]()]", "", text).split()
 
 
+def test_the_browser_test_carries_the_slow_marker():
+    """`-m "not slow"` must leave the browser test out; a marker on a helper does nothing."""
+    marks = [mark.name for mark in getattr(test_browser_upload_ask_and_see_the_answer_stream, "pytestmark", [])]
+    assert "slow" in marks
+    assert not hasattr(plain_words, "pytestmark")
+
+
+@pytest.mark.slow
 def test_browser_upload_ask_and_see_the_answer_stream(server, assistant, monkeypatch):
     if not os.path.exists(CHROMIUM):
         pytest.fail(f"{CHROMIUM} is missing: run `apt-get install -y chromium` (the project's test command does)")

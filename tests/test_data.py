@@ -248,3 +248,19 @@ def test_collator_pads_right_with_ignored_labels_and_no_attention(processor):
     assert width % 8 == 0 and width >= longest
     assert left["attention_mask"][0].tolist() == [0] * (width - n) + [1] * n
     assert torch.equal(left["input_ids"][0, width - n :], short["input_ids"])
+
+
+@pytest.mark.parametrize("seconds", [0.5, 29.9, 30.1, 45.0])
+def test_length_from_the_header_equals_the_encoded_length(tiny, processor, tmp_path, seconds):
+    """Length grouping counts audio tokens from the file header; the model makes them from the
+    decoded windows. One function counts both, so a 45 s clip (two windows) agrees too."""
+    write_image(tmp_path / "a.png")
+    write_audio(tmp_path / "long.wav", seconds=seconds)
+    rows = [row("x", "<image>\n<audio>\nHow long is it?", "long.", image="a.png", audio="long.wav")]
+    dataset = LlavaDataset(rows, processor, tmp_path, tmp_path, max_length=10_000)
+    item = dataset[0]
+    assert dataset.lengths == [len(item["input_ids"])]
+    expected_windows = -(-round(seconds * 16_000) // processor.window_samples)
+    assert item["input_features"].shape[0] == expected_windows
+    n_audio = int((item["input_ids"] == processor.audio_token_id).sum())
+    assert n_audio == int(tiny[0].model.audio_token_counts(item["input_features_mask"].sum(-1)).sum())

@@ -161,15 +161,15 @@ def test_training_loss_runs_the_head_only_where_labels_supervise_and_matches_the
     head_rows = []
     hook = model.lm_head.register_forward_hook(lambda m, args, out: head_rows.append(args[0].shape[:-1].numel()))
 
-    def loss_and_grad(train: bool):
-        model.train(train)
+    def loss_and_grad(skip_logits: bool):
+        model.train()
         model.zero_grad(set_to_none=True)
-        out = model(**inputs, labels=labels, **loss_kwargs)
+        out = model(**inputs, labels=labels, skip_logits=skip_logits, **loss_kwargs)
         out.loss.backward()
         return out, model.model.multi_modal_projector.linear_1.weight.grad.clone()
 
-    full, full_grad = loss_and_grad(train=False)
-    supervised, supervised_grad = loss_and_grad(train=True)
+    full, full_grad = loss_and_grad(skip_logits=False)  # training mode alone keeps the logits
+    supervised, supervised_grad = loss_and_grad(skip_logits=True)
     hook.remove()
     assert full.logits.shape[:2] == labels.shape and supervised.logits is None
     assert head_rows == [labels.numel(), int((labels[:, 1:] != -100).sum())]
@@ -177,6 +177,18 @@ def test_training_loss_runs_the_head_only_where_labels_supervise_and_matches_the
     torch.testing.assert_close(full.loss, expected)
     torch.testing.assert_close(supervised.loss, full.loss, atol=1e-6, rtol=1e-6)
     torch.testing.assert_close(supervised_grad, full_grad, atol=1e-6, rtol=1e-5)
+
+
+def test_return_dict_false_gives_tuples_in_the_order_of_the_output_fields(tiny):
+    model, processor = tiny
+    inputs = encode(processor, USER.format("<image>\nWhat color?"), [shape_image()])
+    with torch.no_grad():
+        as_dict = model(**inputs)
+        as_tuple = model(**inputs, return_dict=False)
+        body = model.model(**inputs, return_dict=False)
+    assert isinstance(as_tuple, tuple) and isinstance(body, tuple)
+    torch.testing.assert_close(as_tuple[0], as_dict.logits)  # no labels, so no loss: logits come first
+    torch.testing.assert_close(body[0], model.model(**inputs).last_hidden_state)
 
 
 def test_audio_over_30_seconds_is_split_in_windows(tiny):

@@ -323,7 +323,6 @@ def test_accelerate_fsdp2_config_wraps_the_three_towers_layers(tiny, monkeypatch
 
 def test_merge_dequantizes_weights_bitsandbytes_repacked_for_cpu_inference(base, demo):
     """After an eval-mode forward, bitsandbytes may keep a CPU-only packed layout; the merge must still read it."""
-    from peft import PeftModel
     from transformers import TrainingArguments
 
     from modeling_phi3_projector import Phi3ProjectorForConditionalGeneration
