@@ -65,6 +65,10 @@ class Phi3ProjectorConfig(PretrainedConfig):
             projector (1: 576 tokens at 336 px, 2: 144).
         audio_stack_factor: Whisper encoder frames (50 per second) stacked into one audio token,
             so audio costs 50 / k tokens per second.
+        audio_real_length: run the Whisper encoder on the real length of the audio (masked, with
+            sliced position embeddings) instead of on windows padded to 30 s. The two give different
+            features, so this records how the audio projector was trained. The builder sets it for
+            new models; a checkpoint without the field was trained on padded windows.
     """
 
     model_type = "phi3_projector"
@@ -97,6 +101,7 @@ class Phi3ProjectorConfig(PretrainedConfig):
     multimodal_projector_bias: bool = True
     image_token_pooling: int = 1
     audio_stack_factor: int = 5
+    audio_real_length: bool = False
     tie_word_embeddings: bool = False
 
     def __post_init__(self, **kwargs):
@@ -134,6 +139,8 @@ class Phi3ProjectorConfig(PretrainedConfig):
                 f"image_token_pooling={pooling} must divide the patch grid side ({self.patches_per_side} = "
                 f"image_size {self.vision_config.image_size} / patch_size {self.vision_config.patch_size})"
             )
+        if not isinstance(self.audio_real_length, bool):
+            raise ValueError(f"audio_real_length must be true or false, got {self.audio_real_length!r}")
         if not isinstance(self.audio_stack_factor, int) or self.audio_stack_factor < 1:
             raise ValueError(f"audio_stack_factor must be a positive int, got {self.audio_stack_factor!r}")
         vocab = self.text_config.vocab_size

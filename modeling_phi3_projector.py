@@ -236,10 +236,37 @@ class Phi3ProjectorModel(Phi3ProjectorPreTrainedModel):
                 f"got {tuple(input_features_mask.shape)}"
             )
         input_features = input_features.to(dtype=self.audio_tower.dtype)
-        frames = self.audio_tower(input_features, return_dict=True).last_hidden_state
+        mel_lengths = input_features_mask.long().sum(-1)
+        if self.config.audio_real_length:
+            frames = self._encode_real_length(input_features, mel_lengths)
+        else:  # every window padded to 30 s, as checkpoints from before `audio_real_length` were trained
+            frames = self.audio_tower(input_features, return_dict=True).last_hidden_state
         tokens = self.audio_projector(frames)
-        n_tokens = self.audio_token_counts(input_features_mask.long().sum(-1))
+        n_tokens = self.audio_token_counts(mel_lengths)
         return torch.cat([window[:n] for window, n in zip(tokens, n_tokens.tolist())])
+
+    def _encode_real_length(self, input_features: torch.Tensor, mel_lengths: torch.Tensor) -> torch.Tensor:
+        """Whisper's encoder over the real audio only, as Ultravox runs it: the windows are cut to the
+        longest one's length (rounded up to a multiple of 16 encoder frames), the position embeddings
+        sliced to match, and padded frames masked out of attention, so a clip encodes the same alone
+        or beside a longer one. A 3 s question costs 3 s of encoding, not 30.
+
+        Returns (windows, frames, audio width); frames past a window's real length are padding.
+        """
+        encoder = self.audio_tower
+        max_frames = self.config.audio_config.max_source_positions
+        real_frames = ((mel_lengths + 1) // 2).clamp(1, max_frames)
+        n_frames = min(-(-int(real_frames.max()) // 16) * 16, max_frames, input_features.shape[-1] // 2)
+        hidden = nn.functional.gelu(encoder.conv1(input_features[..., : 2 * n_frames]))
+        hidden = nn.functional.gelu(encoder.conv2(hidden)).transpose(1, 2)
+        hidden = hidden + encoder.embed_positions.weight[:n_frames].to(hidden.dtype)
+        hidden = nn.functional.dropout(hidden, p=encoder.dropout, training=encoder.training)
+        padded = torch.arange(n_frames, device=hidden.device)[None, :] >= real_frames.to(hidden.device)[:, None]
+        mask = torch.zeros(padded.shape, dtype=hidden.dtype, device=hidden.device)
+        mask = mask.masked_fill(padded, torch.finfo(hidden.dtype).min)[:, None, None, :]  # (windows, 1, 1, keys)
+        for layer in encoder.layers:
+            hidden = layer(hidden, mask)
+        return encoder.layer_norm(hidden)
 
     def audio_token_counts(self, mel_lengths: torch.Tensor) -> torch.Tensor:
         """Audio tokens per window for windows of `mel_lengths` real mel frames (the encoder halves them)."""

@@ -215,3 +215,56 @@ def test_image_token_pooling_gives_a_quarter_of_the_tokens(tmp_path):
     assert model.config.audio_config is None
     with pytest.raises(ValueError, match="no audio tower"):
         model.get_audio_features(torch.zeros(1, 80, 3000), torch.ones(1, 3000))
+
+
+def test_whisper_encodes_only_the_real_audio_as_an_encoder_built_for_that_length_would(tiny):
+    """0.96 s = 96 mel frames = 48 encoder frames: the real-length path must give what Whisper's own
+    encoder gives with 48 positions (the same weights, position embeddings cut to 48), not what the
+    30 s padded window gives, and only those 96 mel frames reach the convolutions."""
+    from transformers.models.whisper.modeling_whisper import WhisperEncoder
+
+    model, processor = tiny
+    assert model.config.audio_real_length  # what the builder sets for new models
+    inputs = encode(processor, USER.format("<audio>\nPitch?"), audio=[tone(seconds=0.96)])
+    seen = []
+    hook = model.model.audio_tower.conv1.register_forward_hook(lambda m, args, out: seen.append(args[0].shape[-1]))
+    with torch.no_grad():
+        frames = model.model._encode_real_length(inputs["input_features"], inputs["input_features_mask"].sum(-1))
+    hook.remove()
+    assert seen == [96] and frames.shape[1] == 48
+
+    short_config = copy.deepcopy(model.config.audio_config)
+    short_config.max_source_positions = 48
+    reference = WhisperEncoder(short_config).eval()
+    state = {k: v[:48] if k == "embed_positions.weight" else v for k, v in model.model.audio_tower.state_dict().items()}
+    reference.load_state_dict(state)
+    with torch.no_grad():
+        expected = reference(inputs["input_features"][..., :96]).last_hidden_state
+        padded = model.model.audio_tower(inputs["input_features"]).last_hidden_state[:, :48]
+    torch.testing.assert_close(frames, expected, atol=1e-5, rtol=1e-5)
+    assert (padded - expected).abs().max() > 1e-3  # the padded window really is another encoding
+
+
+def test_real_length_audio_features_do_not_depend_on_the_other_clips_in_the_batch(tiny):
+    model, processor = tiny
+    alone = encode(processor, USER.format("<audio>\nPitch?"), audio=[tone(seconds=1.0)])
+    batch = encode(processor, [USER.format("<audio>\nPitch?")] * 2, audio=[tone(seconds=1.0), tone(500, 7.0)], padding=True)
+    with torch.no_grad():
+        a = model.get_audio_features(alone["input_features"], alone["input_features_mask"])
+        b = model.get_audio_features(batch["input_features"], batch["input_features_mask"])
+    torch.testing.assert_close(b[: a.shape[0]], a, atol=1e-5, rtol=1e-5)
+
+
+def test_checkpoints_trained_on_padded_windows_keep_the_padded_encoding(tiny):
+    model, processor = tiny
+    padded_model = copy.deepcopy(model)
+    padded_model.config.audio_real_length = False  # a config.json written before the field existed
+    inputs = encode(processor, USER.format("<audio>\nPitch?"), audio=[tone(seconds=1.0)])
+    with torch.no_grad():
+        features = padded_model.get_audio_features(inputs["input_features"], inputs["input_features_mask"])
+        frames = model.model.audio_tower(inputs["input_features"]).last_hidden_state
+        expected = model.model.audio_projector(frames)[0, : features.shape[0]]
+    torch.testing.assert_close(features, expected)
+    from configuration_phi3_projector import Phi3ProjectorConfig
+
+    assert Phi3ProjectorConfig.from_dict({k: v for k, v in model.config.to_dict().items() if k != "audio_real_length"}).audio_real_length is False
