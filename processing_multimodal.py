@@ -71,11 +71,13 @@ CHAT_TEMPLATE = (
 
 
 def load_image(image, index: int = 0) -> Image.Image:
-    """A path, bytes, array or PIL image of any mode -> an RGB PIL image.
+    """A path, bytes, array, PIL image of any mode or `datasets` {"bytes", "path"} dict -> an RGB PIL image.
 
     ValueError, naming the image, when it is not one or has more than MAX_IMAGE_PIXELS; strips
     longer than MAX_ASPECT_RATIO : 1 come back cut to their middle (see `crop_long_side`).
     """
+    if isinstance(image, dict):  # a `datasets` Image column read without decoding: {"bytes", "path"}
+        image = image.get("bytes") or image.get("path")
     try:
         if isinstance(image, (str, os.PathLike)):
             if not os.path.isfile(image):
@@ -196,6 +198,8 @@ def load_audio(audio, index: int = 0, sampling_rate: int | None = None) -> np.nd
     [-1, 1]; channels are averaged. ValueError for anything that is not usable audio.
     """
     rate = sampling_rate or SAMPLING_RATE
+    if isinstance(audio, dict) and audio.get("array") is None:  # a `datasets` Audio column read without decoding
+        audio = audio.get("bytes") or audio.get("path")
     if isinstance(audio, (str, os.PathLike, bytes, bytearray)):
         if soundfile is None:
             raise ValueError(f"audio {index}: decoding audio files needs the soundfile package (pip install soundfile)")

@@ -1,14 +1,21 @@
-"""LLaVA-format data for training and evaluation: rows, their media, token masks and batches.
+"""Training and evaluation data: rows in the formats users have, their media, token masks and batches.
 
-Rows are LLaVA-Instruct-150K / LLaVA-Pretrain JSON unchanged (a JSON list or JSON Lines, or a
-`datasets` dataset with the same columns): `{"id", "image"?, "audio"?, "conversations": [{"from":
-"human" | "gpt" | "system", "value": ...}]}`. Only assistant tokens are trained, each answer with
-its closing `<|end|>` (else generation never stops); everything else is -100. A row whose media
-are missing or unreadable is skipped and counted, never a crash; `strict=True` makes it an error.
+Rows are read unchanged from a JSON list, JSON Lines, a `datasets` dataset or a folder saved with
+`save_to_disk`, in either format:
+- LLaVA (LLaVA-Instruct-150K, LLaVA-Pretrain, LLaVA-1.5's mix665k): `{"id", "image"?, "audio"?,
+  "conversations": [{"from": "human" | "gpt" | "system", "value": ...}]}`, `<image>` / `<audio>`
+  placeholders in the text; media are file names under the image / audio folder.
+- Conversational (TRL and recent Hugging Face data sets): `{"messages": [{"role", "content"}],
+  "images"?, "audios"?}`, content a string with placeholders or a list of `{"type": "image" |
+  "audio" | "text"}` parts; media are file names, bytes, PIL images, arrays or `datasets` dicts.
+Only assistant tokens are trained, each answer with its closing `<|end|>` (else generation never
+stops); everything else is IGNORE_INDEX. A row whose media are missing or unreadable is skipped
+and counted, never a crash; `strict=True` makes it an error.
 """
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import math
@@ -60,38 +67,80 @@ def as_list(value) -> list:
     return list(value) if isinstance(value, (list, tuple)) else [value]
 
 
-def media_paths(row: dict, key: str, folder: str | os.PathLike | None) -> list[Path]:
-    """The files of a row's `image` or `audio` entry, relative to `folder` when one is given."""
-    return [Path(folder) / str(name) if folder else Path(str(name)) for name in as_list(row.get(key))]
+MEDIA_KEYS = {"image": ("image", "images"), "audio": ("audio", "audios")}  # LLaVA's key, the conversational one
+
+
+def row_media(row: dict, kind: str, folder: str | os.PathLike | None) -> list:
+    """A row's images or audio clips (`kind`): file names become paths under `folder`; bytes, PIL
+    images, arrays and `datasets` dicts ({"bytes", "path"} or {"array", "sampling_rate"}) stay as they are."""
+    key = next((k for k in MEDIA_KEYS[kind] if row.get(k) not in (None, "", [])), MEDIA_KEYS[kind][0])
+    items = []
+    for item in as_list(row.get(key)):
+        if isinstance(item, dict) and item.get("bytes") is None and isinstance(item.get("path"), str):
+            item = item["path"]  # a datasets Image / Audio column stored by reference
+        if isinstance(item, (str, os.PathLike)):
+            item = Path(folder) / str(item) if folder else Path(item)
+        items.append(item)
+    return items
+
+
+def media_paths(row: dict, kind: str, folder: str | os.PathLike | None) -> list[Path]:
+    """The files among a row's media (the ones that can be missing before anything is decoded)."""
+    return [item for item in row_media(row, kind, folder) if isinstance(item, Path)]
 
 
 def row_messages(row: dict, image_token: str = "<image>", audio_token: str = "<audio>") -> list[dict]:
-    """LLaVA `conversations` -> chat messages with string content (placeholders stay in the text).
+    """A row of either format -> chat messages with string content (placeholders in the text).
 
-    LLaVA rows with an image but no `<image>` in the text get it at the start of the first human
-    turn, as LLaVA's own preprocessing does.
+    Content parts are joined by newlines, as the chat template joins them. LLaVA rows with an image
+    but no `<image>` in the text get it at the start of the first human turn, as LLaVA's own
+    preprocessing does; an answer before any question (some ShareGPT rows) is dropped, as LLaVA does.
     """
-    conversations = row.get("conversations")
-    if not isinstance(conversations, list) or not conversations:
-        raise ValueError("no conversations")
+    if isinstance(row.get("messages"), list):
+        turns = [(turn.get("role"), turn.get("content")) if isinstance(turn, dict) else (None, None) for turn in row["messages"]]
+    elif isinstance(row.get("conversations"), list):
+        turns = [(turn.get("from"), turn.get("value")) if isinstance(turn, dict) else (None, None) for turn in row["conversations"]]
+    else:
+        raise ValueError("no conversations or messages")
     messages = []
-    for turn in conversations:
-        role = ROLES.get(str(turn.get("from", "")).lower()) if isinstance(turn, dict) else None
-        if role is None or not isinstance(turn.get("value"), str):
-            raise ValueError(f"bad turn {turn!r}")
+    for role, content in turns:
+        role = ROLES.get(str(role).lower())
+        text = _content_text(content, image_token, audio_token)
+        if role is None or text is None:
+            raise ValueError(f"bad turn {(role, content)!r:.200}")
         if role == "assistant" and not any(m["role"] == "user" for m in messages):
-            continue  # an answer to nothing (some ShareGPT rows open with one): LLaVA skips it too
-        messages.append({"role": role, "content": turn["value"]})
+            continue
+        messages.append({"role": role, "content": text})
     first_user = next((m for m in messages if m["role"] == "user"), None)
     if first_user is None or not any(m["role"] == "assistant" for m in messages):
-        raise ValueError("needs a human and a gpt turn")
-    for token, key in ((image_token, "image"), (audio_token, "audio")):
-        n_media, n_slots = len(as_list(row.get(key))), sum(m["content"].count(token) for m in messages)
+        raise ValueError("needs a user turn and an assistant turn")
+    for token, kind in ((image_token, "image"), (audio_token, "audio")):
+        n_media, n_slots = len(row_media(row, kind, None)), sum(m["content"].count(token) for m in messages)
         if n_slots == 0 and n_media:
             first_user["content"] = (token + "\n") * n_media + first_user["content"]
         elif n_slots != n_media:
-            raise ValueError(f"{n_slots} {token} placeholders but {n_media} {key} files")
+            raise ValueError(f"{n_slots} {token} placeholders but {n_media} {kind} items")
     return messages
+
+
+def _content_text(content, image_token: str, audio_token: str) -> str | None:
+    """A message's content (a string, or a list of typed parts) as text with placeholders; None if malformed."""
+    if isinstance(content, str):
+        return content
+    if not isinstance(content, list):
+        return None
+    pieces = []
+    for part in content:
+        kind = part.get("type") if isinstance(part, dict) else None
+        if kind == "image":
+            pieces.append(image_token)
+        elif kind == "audio":
+            pieces.append(audio_token)
+        elif kind == "text" and isinstance(part.get("text"), str):
+            pieces.append(part["text"])
+        else:
+            return None
+    return "\n".join(pieces)
 
 
 DECODE_REASONS = ("unreadable image", "unreadable audio", "too long", "bad row")  # failures on access
@@ -125,12 +174,10 @@ class LlavaDataset(torch.utils.data.Dataset):
         for index, row in enumerate(rows):
             try:
                 row_messages(row, processor.image_token, processor.audio_token)
-                for path in self.media_paths(row, "image"):
-                    if not path.is_file():
-                        raise _Skip("missing image", path)
-                for path in self.media_paths(row, "audio"):
-                    if not path.is_file():
-                        raise _Skip("missing audio", path)
+                for kind in ("image", "audio"):
+                    for path in self.media_paths(row, kind):
+                        if not path.is_file():
+                            raise _Skip(f"missing {kind}", path)
             except (ValueError, _Skip) as error:
                 self.checked[self._reason(error, index, row)] += 1
                 continue
@@ -142,8 +189,11 @@ class LlavaDataset(torch.utils.data.Dataset):
             logger.warning("skipped %d of %d rows: %s", sum(self.skipped.values()), len(rows), dict(self.skipped))
         self.lengths = self._token_counts()
 
-    def media_paths(self, row: dict, key: str) -> list[Path]:
-        return media_paths(row, key, self.image_folder if key == "image" else self.audio_folder)
+    def media(self, row: dict, kind: str) -> list:
+        return row_media(row, kind, self.image_folder if kind == "image" else self.audio_folder)
+
+    def media_paths(self, row: dict, kind: str) -> list[Path]:
+        return [item for item in self.media(row, kind) if isinstance(item, Path)]
 
     @property
     def skipped(self) -> Counter:
@@ -167,9 +217,9 @@ class LlavaDataset(torch.utils.data.Dataset):
         text_tokens = [len(ids) for ids in self.processor.tokenizer(texts, add_special_tokens=False)["input_ids"]] if texts else []
         counts = []
         for row, n_text in zip(self.rows, text_tokens):
-            n = n_text + len(as_list(row.get("image"))) * (self.processor.image_seq_length - 1)
-            for path in self.media_paths(row, "audio"):
-                n += audio_tokens_from_header(self.processor, path) - 1
+            n = n_text + len(self.media(row, "image")) * (self.processor.image_seq_length - 1)
+            for clip in self.media(row, "audio"):
+                n += audio_tokens_from_header(self.processor, clip) - 1
             counts.append(n)
         return counts
 
@@ -192,16 +242,16 @@ class LlavaDataset(torch.utils.data.Dataset):
 
     def encode_row(self, row: dict) -> dict:
         messages = row_messages(row, self.processor.image_token, self.processor.audio_token)
-        images = self.media_paths(row, "image")
+        images = self.media(row, "image")
         if self.vision_cache is not None:
-            image_inputs = [self.vision_cache.load(name) for name in as_list(row.get("image"))]
+            image_inputs = [self.vision_cache.load(str(name)) for name in row_media(row, "image", None)]
         else:
             try:
                 image_inputs = [load_image(path, i) for i, path in enumerate(images)]
             except ValueError as error:
                 raise _Skip("unreadable image", error) from None
         try:
-            clips = [load_audio(path, i) for i, path in enumerate(self.media_paths(row, "audio"))]
+            clips = [load_audio(clip, i) for i, clip in enumerate(self.media(row, "audio"))]
         except ValueError as error:
             raise _Skip("unreadable audio", error) from None
         return encode_conversation(
@@ -209,15 +259,19 @@ class LlavaDataset(torch.utils.data.Dataset):
         )
 
 
-def audio_tokens_from_header(processor, path: Path) -> int:
-    """The audio tokens a clip file will take, from the duration in its header (no decoding);
-    5 s worth where the header can't be read (decoding will tell later)."""
+def audio_tokens_from_header(processor, clip) -> int:
+    """The audio tokens a clip will take: from the duration in a file's header (no decoding), or an
+    in-memory clip's length; 5 s worth where neither can be read (decoding will tell later)."""
     try:
-        import soundfile
+        if isinstance(clip, dict) and clip.get("array") is not None:
+            n_samples = math.ceil(len(clip["array"]) * SAMPLING_RATE / clip.get("sampling_rate", SAMPLING_RATE))
+        else:
+            import soundfile
 
-        info = soundfile.info(str(path))
-        n_samples = math.ceil(info.frames * SAMPLING_RATE / info.samplerate)
-    except Exception:  # no soundfile, or a header it can't read
+            source = io.BytesIO(clip["bytes"]) if isinstance(clip, dict) else clip
+            info = soundfile.info(source if isinstance(source, io.BytesIO) else str(source))
+            n_samples = math.ceil(info.frames * SAMPLING_RATE / info.samplerate)
+    except Exception:  # no soundfile, an in-memory array without its rate, or a header it can't read
         n_samples = 5 * SAMPLING_RATE
     return processor.audio_token_count(n_samples)
 
@@ -358,5 +412,5 @@ class MultimodalCollator:
 
 __all__ = [
     "IGNORE_INDEX", "LlavaDataset", "MultimodalCollator", "as_list", "audio_tokens_from_header", "encode_conversation",
-    "media_paths", "read_rows", "render_chat", "row_messages",
+    "media_paths", "read_rows", "render_chat", "row_media", "row_messages",
 ]  # fmt: skip

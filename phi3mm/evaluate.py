@@ -33,7 +33,7 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
-from phi3mm.data import as_list, audio_tokens_from_header, media_paths, read_rows, row_messages
+from phi3mm.data import audio_tokens_from_header, read_rows, row_media, row_messages
 from phi3mm.metrics import corpus_bleu, exact_match, markdown_table, summarize, vqa_soft_score, word_error_rate
 from processing_multimodal import SAMPLING_RATE, load_audio, load_image
 
@@ -51,8 +51,8 @@ class Item:
     index: int
     id: object
     prompt: str
-    images: list[Path]
-    audio: list[Path]
+    images: list  # paths, or in-memory media from a data set
+    audio: list
     references: list[str]
     metric: str
     question_type: str | None
@@ -74,7 +74,7 @@ def prepare_row(
     image_token, audio_token = processor.image_token, processor.audio_token
     answers = row.get("answers")
     references = [a["answer"] if isinstance(a, dict) else a for a in answers] if isinstance(answers, list) else None
-    if "conversations" in row:
+    if "conversations" in row or "messages" in row:
         messages = row_messages(row, image_token, audio_token)
         last = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
         messages, references = messages[:last], references or [messages[last]["content"]]
@@ -85,7 +85,7 @@ def prepare_row(
         if "answer" in row and references is None:
             references = [row["answer"]]
         kinds = ((image_token, "image"), (audio_token, "audio"))
-        tags = [token for token, key in kinds for _ in as_list(row.get(key))]
+        tags = [token for token, kind in kinds for _ in row_media(row, kind, None)]
         if image_token not in question and audio_token not in question:
             question = "\n".join(tags + [question])
         messages = [{"role": "user", "content": question}]
@@ -98,10 +98,10 @@ def prepare_row(
 
     # Media whose placeholder sits in a turn after the reference are not sent (the prompt lacks it).
     prompt = processor.apply_chat_template(messages, add_generation_prompt=True)
-    images = media_paths(row, "image", image_folder)[: prompt.count(image_token)]
-    audio = media_paths(row, "audio", audio_folder)[: prompt.count(audio_token)]
+    images = row_media(row, "image", image_folder)[: prompt.count(image_token)]
+    audio = row_media(row, "audio", audio_folder)[: prompt.count(audio_token)]
     for path in images + audio:
-        if not path.is_file():
+        if isinstance(path, Path) and not path.is_file():
             raise FileNotFoundError(f"missing media file {path}")
     return Item(
         index=index,

@@ -34,7 +34,7 @@ from safetensors import safe_open
 from safetensors.torch import save as serialize
 from tqdm.auto import tqdm
 
-from phi3mm.data import as_list, read_rows
+from phi3mm.data import media_paths, read_rows
 
 FORMAT = 1
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
@@ -225,7 +225,7 @@ def load_vision_model(model_path, device: str = "cpu", dtype: torch.dtype = torc
 def build_cache(model, processor, data_path, cache_dir, image_folder=None, batch_size: int = 32,
                 dtype: str = "float16", num_workers: int = 0, source: str = "") -> dict:  # fmt: skip
     """Features of every image of the rows not yet in the cache; returns the run's summary."""
-    names = list(dict.fromkeys(name for row in read_rows(data_path) for name in as_list(row.get("image"))))
+    names = list(dict.fromkeys(str(name) for row in read_rows(data_path) for name in media_paths(row, "image", None)))
     cache = VisionFeatureCache.create(cache_dir, model, processor, dtype, source)
     todo = [name for name in names if name not in cache]
     owner, device = _owner(model), next(_owner(model).vision_tower.parameters()).device

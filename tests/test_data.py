@@ -264,3 +264,76 @@ def test_length_from_the_header_equals_the_encoded_length(tiny, processor, tmp_p
     assert item["input_features"].shape[0] == expected_windows
     n_audio = int((item["input_ids"] == processor.audio_token_id).sum())
     assert n_audio == int(tiny[0].model.audio_token_counts(item["input_features_mask"].sum(-1)).sum())
+
+
+# ---- the formats users already have -------------------------------------------------------------
+
+
+def test_conversational_rows_give_the_same_tokens_as_the_llava_row(processor, media):
+    """TRL / llava-instruct-mix-vsft rows: typed content parts (with their None fields), media in
+    `images` / `audios`; string content with placeholders too. All read unchanged, same tokens."""
+    llava = row("a", "<image>\n<audio>\nWhat color is it?", "red.", image="a.png", audio="t.wav")
+    parts = {
+        "messages": [
+            {"role": "user", "content": [
+                {"type": "image", "text": None, "index": 0}, {"type": "audio", "text": None, "index": 0},
+                {"type": "text", "text": "What color is it?", "index": None},
+            ]},
+            {"role": "assistant", "content": [{"type": "text", "text": "red.", "index": None}]},
+        ],
+        "images": ["a.png"], "audios": ["t.wav"],
+    }  # fmt: skip
+    string = {"messages": [{"role": "user", "content": "<image>\n<audio>\nWhat color is it?"},
+                           {"role": "assistant", "content": "red."}], "images": ["a.png"], "audios": ["t.wav"]}
+    path = media / "rows.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in (llava, parts, string)))
+    dataset = LlavaDataset(read_rows(path), processor, media, media)
+    assert dataset.skipped == {} and len(dataset) == 3
+    items = [dataset[i] for i in range(3)]
+    for item in items[1:]:
+        for key in ("input_ids", "labels", "pixel_values", "input_features"):
+            assert torch.equal(item[key], items[0][key]), key
+    assert dataset.lengths == [len(item["input_ids"])] * 3
+
+
+def test_a_datasets_folder_with_in_memory_images_and_audio(processor, media):
+    import datasets
+    import numpy as np
+
+    rows = {
+        "messages": [[{"role": "user", "content": [{"type": "image"}, {"type": "audio"}, {"type": "text", "text": "Which?"}]},
+                      {"role": "assistant", "content": [{"type": "text", "text": "red."}]}]],
+        "images": [[Image.fromarray(shape_image())]],
+        "audios": [[{"array": tone(seconds=0.5).astype(np.float64), "sampling_rate": 16_000}]],
+    }
+    features = datasets.Features({
+        "messages": [{"role": datasets.Value("string"),
+                      "content": [{"type": datasets.Value("string"), "text": datasets.Value("string")}]}],
+        "images": datasets.List(datasets.Image()),
+        "audios": [{"array": datasets.List(datasets.Value("float64")), "sampling_rate": datasets.Value("int64")}],
+    })  # fmt: skip
+    datasets.Dataset.from_dict(rows, features=features).save_to_disk(str(media / "ds"))
+    dataset = LlavaDataset(read_rows(media / "ds"), processor)
+    item = dataset[0]
+    assert dataset.skipped == {}
+    assert item["pixel_values"].shape == (1, 3, 64, 64) and item["input_features"].shape[0] == 1
+    assert processor.tokenizer.decode(item["labels"][item["labels"] != IGNORE_INDEX]) == "red.<|end|>"
+    assert dataset.lengths == [len(item["input_ids"])]
+
+
+def test_llava_mix665k_shapes_sub_folder_paths_and_text_only_sharegpt_rows(processor, tmp_path):
+    write_image(tmp_path / "coco" / "train2017" / "1.jpg")
+    write_image(tmp_path / "gqa" / "images" / "2.jpg")
+    rows = [
+        row("c", "<image>\nWhat is it?", "A square.", image="coco/train2017/1.jpg"),
+        row("g", "What is it?\n<image>", "A square.", image="gqa/images/2.jpg"),  # <image> after the text
+        # ShareGPT: no image key, and some conversations open with a gpt turn, which LLaVA skips
+        {"id": "s", "conversations": [{"from": "gpt", "value": "Hi!"}, {"from": "human", "value": "Hello"},
+                                      {"from": "gpt", "value": "How can I help?"}]},
+    ]
+    dataset = LlavaDataset(rows, processor, tmp_path)
+    assert dataset.skipped == {} and len(dataset) == 3
+    text_only = dataset[2]
+    assert "pixel_values" not in text_only
+    assert processor.tokenizer.decode(text_only["labels"][text_only["labels"] != IGNORE_INDEX]) == "How can I help?<|end|>"
+    assert "Hi!" not in processor.tokenizer.decode(text_only["input_ids"])

@@ -103,6 +103,21 @@ def test_last_gpt_turn_is_the_reference_given_earlier_turns(tiny):
     assert result["overall"]["score"] == 1.0 and result["predictions"][0]["reference"] == "two"
 
 
+def test_conversational_rows_with_in_memory_images_are_evaluated(tiny):
+    _, processor = tiny
+    row = {
+        "messages": [
+            {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What colour is this?"}]},
+            {"role": "assistant", "content": [{"type": "text", "text": "red"}]},
+        ],
+        "images": [Image.new("RGB", (40, 30), (200, 30, 30))],
+    }
+    model = ScriptedModel(processor, {"What colour is this?": "red"})
+    result = evaluate(model, processor, [row], progress=False)
+    assert result["overall"] == {"score": 1.0, "n": 1} and not result["skipped"]
+    assert "pixel_values" in model.calls[0] and model.calls[0]["pixel_values"].shape[0] == 1
+
+
 def test_vqa_files_use_the_soft_score(tiny, tmp_path):
     _, processor = tiny
     name = save_image(tmp_path / "img" / "a.jpg")
