@@ -65,6 +65,8 @@ class Phi3ProjectorConfig(PretrainedConfig):
             projector (1: 576 tokens at 336 px, 2: 144).
         audio_stack_factor: Whisper encoder frames (50 per second) stacked into one audio token,
             so audio costs 50 / k tokens per second.
+        component_models: the checkpoints the model was assembled from (`{"text", "vision", "audio"}`
+            hub ids or folders), for the model card's metadata; recorded by the builder.
         audio_real_length: run the Whisper encoder on the real length of the audio (masked, with
             sliced position embeddings) instead of on windows padded to 30 s. The two give different
             features, so this records how the audio projector was trained. The builder sets it for
@@ -102,6 +104,7 @@ class Phi3ProjectorConfig(PretrainedConfig):
     image_token_pooling: int = 1
     audio_stack_factor: int = 5
     audio_real_length: bool = False
+    component_models: dict | None = None
     tie_word_embeddings: bool = False
 
     def __post_init__(self, **kwargs):

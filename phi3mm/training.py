@@ -16,18 +16,19 @@ import re
 import resource
 import shutil
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from transformers import BitsAndBytesConfig, Trainer, TrainerCallback, TrainingArguments
+from transformers import BitsAndBytesConfig, Trainer, TrainingArguments
 from transformers.trainer_pt_utils import LengthGroupedSampler
 from transformers.trainer_utils import set_seed
 from transformers.training_args import ParallelMode
 
 from modeling_phi3_projector import Phi3ProjectorForConditionalGeneration
 from phi3mm.build import build_model_and_processor, build_tiny_model, save_checkpoint
-from phi3mm.data import LlavaDataset, MultimodalCollator, read_rows
+from phi3mm.data import DECODE_REASONS, LlavaDataset, MultimodalCollator, read_rows
 from processing_multimodal import MultimodalProcessor
 
 logger = logging.getLogger(__name__)
@@ -72,7 +73,7 @@ class DataArguments:
     data_path: str = field(default=None, metadata={"help": "LLaVA-format JSON / JSON Lines, or a saved datasets folder."})
     image_folder: str | None = field(default=None, metadata={"help": "Folder the rows' image paths are relative to."})
     audio_folder: str | None = field(default=None, metadata={"help": "Folder the rows' audio paths are relative to."})
-    eval_data_path: str | None = field(default=None, metadata={"help": "Held-out LLaVA-format file for accuracy at the end."})
+    eval_data_path: str | None = field(default=None, metadata={"help": "Held-out rows: eval loss during training (with --eval_strategy), accuracy at the end."})
     max_length: int = field(default=2048, metadata={"help": "Longest sequence; whole turns are dropped to fit."})
     strict: bool = field(default=False, metadata={"help": "A bad row stops the run instead of being skipped."})
     vision_cache_dir: str | None = field(default=None, metadata={"help": "Precomputed vision features (phi3mm.vision_cache)."})
@@ -294,29 +295,48 @@ class MultimodalTrainer(Trainer):
         return self.optimizer
 
 
-class LossHistory(TrainerCallback):
-    def __init__(self):
-        self.steps, self.losses = [], []
-
-    def on_log(self, args, state, control, logs=None, **kwargs):
-        if logs and "loss" in logs:
-            self.steps.append(state.global_step)
-            self.losses.append(logs["loss"])
-
-
-def plot_loss(history: LossHistory, path: Path, title: str) -> None:
+def plot_loss(losses: list[tuple[int, float]], eval_losses: list[tuple[int, float]], path: Path, title: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     figure, axis = plt.subplots(figsize=(6, 3.5))
-    axis.plot(history.steps, history.losses, marker=".")
-    axis.set(xlabel="step", ylabel="training loss", title=title)
+    axis.plot(*zip(*losses), marker=".", label="training")
+    if eval_losses:
+        axis.plot(*zip(*eval_losses), marker="o", label="evaluation")
+        axis.legend()
+    axis.set(xlabel="step", ylabel="loss", title=title)
     axis.grid(alpha=0.3)
     figure.tight_layout()
     figure.savefig(path, dpi=100)
     plt.close(figure)
+
+
+def skipped_over_ranks(dataset: LlavaDataset) -> Counter:
+    """Skipped rows by reason over all processes: every process checks every row up front (the same
+    counts), but each meets decoding failures only in the rows it draws, so those are united."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return dataset.skipped
+    failed = {index: code for index, code in enumerate(dataset.failures) if code}
+    gathered: list[dict] = [{} for _ in range(dist.get_world_size())]
+    dist.all_gather_object(gathered, failed)
+    union = {index: code for rank in gathered for index, code in rank.items()}
+    return dataset.checked + Counter(DECODE_REASONS[code - 1] for code in union.values())
+
+
+def component_models(model_args: ModelArguments, base: str) -> dict:
+    """The public components a checkpoint was built from (recorded in its config by the builder)."""
+    from transformers import AutoConfig
+
+    recorded = getattr(AutoConfig.from_pretrained(base, trust_remote_code=True), "component_models", None)
+    if recorded:
+        return dict(recorded)
+    if model_args.model_name_or_path or model_args.tiny:
+        return {}
+    return {"text": model_args.text_model, "vision": model_args.vision_model, "audio": model_args.audio_model}
 
 
 def peak_memory_mb() -> float:
@@ -391,34 +411,16 @@ def merge_and_save(trained, base: str, adapter_dir: Path, processor, out_dir: Pa
     return report
 
 
-def write_model_card(out_dir: Path, summary: dict) -> None:
-    evaluation = summary.get("eval", {}).get("by_type", {})
-    rows = "\n".join(f"| {k} | {v['n']} | {100 * v['score']:.1f}% |" for k, v in evaluation.items())
-    card = f"""---
-library_name: transformers
-pipeline_tag: image-text-to-text
-tags: [phi3, clip, whisper, llava, multimodal, qlora]
----
-# Phi-3.5 + CLIP + Whisper multimodal model
-
-Trained with `train_trainer.py` (stage `{summary['stage']}`, tuning `{summary['tuning']}`), {summary['steps']} steps.
-Loads with remote code; pin a `revision` when you trust remote code:
-
-```python
-from transformers import AutoModelForCausalLM, AutoProcessor
-model = AutoModelForCausalLM.from_pretrained("REPO", trust_remote_code=True, revision="COMMIT")
-processor = AutoProcessor.from_pretrained("REPO", trust_remote_code=True, revision="COMMIT")
-```
-""" + (f"\n## Held-out accuracy\n\n| type | n | accuracy |\n|---|---|---|\n{rows}\n" if rows else "")
-    (out_dir / "README.md").write_text(card)
-
-
 def train(model_args: ModelArguments, data_args: DataArguments, training_args: TrainingArguments) -> dict:
     """One training stage end to end; returns the run summary (also written to OUTPUT_DIR)."""
-    if training_args.world_size > 1 and training_args.parallel_mode != ParallelMode.DISTRIBUTED:
+    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    if launched > 1 and (training_args.world_size != launched or training_args.parallel_mode != ParallelMode.DISTRIBUTED):
         # torchrun / accelerate launch without GPUs: accelerate only goes multi-CPU when told to,
-        # otherwise every process silently trains its own unsynchronised copy.
-        raise ValueError(f"{training_args.world_size} processes but no distributed backend: add --use_cpu true to train on CPUs")
+        # otherwise every process silently trains its own unsynchronised copy into one folder.
+        raise ValueError(
+            f"{launched} processes were launched but they are not one distributed run (world size "
+            f"{training_args.world_size}): add --use_cpu true to train on CPUs"
+        )
     set_seed(training_args.seed)  # the LoRA init happens before Trainer seeds anything
     output_dir = Path(training_args.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
@@ -436,36 +438,47 @@ def train(model_args: ModelArguments, data_args: DataArguments, training_args: T
         from phi3mm.vision_cache import VisionFeatureCache
 
         vision_cache = VisionFeatureCache(data_args.vision_cache_dir, model.config)
-    dataset = LlavaDataset(
-        read_rows(data_args.data_path), processor, data_args.image_folder, data_args.audio_folder,
-        max_length=data_args.max_length, strict=data_args.strict, vision_cache=vision_cache,
-    )
-    history = LossHistory()
+    folders = dict(image_folder=data_args.image_folder, audio_folder=data_args.audio_folder)
+    options = dict(max_length=data_args.max_length, strict=data_args.strict, vision_cache=vision_cache)
+    dataset = LlavaDataset(read_rows(data_args.data_path), processor, **folders, **options)
+    eval_dataset = None
+    if data_args.eval_data_path and training_args.eval_strategy != "no":  # eval loss during training
+        eval_rows = read_rows(data_args.eval_data_path)[: data_args.max_eval_samples]
+        eval_dataset = LlavaDataset(eval_rows, processor, **folders, **options)
+        training_args.prediction_loss_only = True  # no metric reads the logits: the eval loss is the figure
     trainer = MultimodalTrainer(
         model=model,
         args=training_args,
         train_dataset=dataset,
+        eval_dataset=eval_dataset,
         data_collator=MultimodalCollator(processor.tokenizer.pad_token_id),
-        callbacks=[history],
         projector_lr=model_args.projector_lr,
     )
+    resume = resolve_resume(training_args.resume_from_checkpoint, output_dir)
     start = time.perf_counter()
-    result = trainer.train(resume_from_checkpoint=resolve_resume(training_args.resume_from_checkpoint, output_dir))
+    result = trainer.train(resume_from_checkpoint=resume)
     seconds = time.perf_counter() - start
 
+    # The whole run's log (Trainer restores the earlier part from the checkpoint on a resume).
+    losses = [(entry["step"], entry["loss"]) for entry in trainer.state.log_history if "loss" in entry]
+    eval_losses = [(entry["step"], entry["eval_loss"]) for entry in trainer.state.log_history if "eval_loss" in entry]
+    skipped = skipped_over_ranks(dataset)
     summary = {
         "stage": model_args.stage,
         "tuning": model_args.tuning if model_args.stage == "finetune" else "projectors",
         "steps": trainer.state.global_step,
+        "resumed_from": resume,
         "train_loss": result.training_loss,
-        "first_logged_loss": history.losses[0] if history.losses else None,
-        "last_logged_loss": history.losses[-1] if history.losses else None,
-        "train_seconds": round(seconds, 2),
+        "first_logged_loss": losses[0][1] if losses else None,
+        "last_logged_loss": losses[-1][1] if losses else None,
+        "eval_losses": eval_losses or None,
+        "best_checkpoint": trainer.state.best_model_checkpoint,
+        "train_seconds": round(seconds, 2),  # this process's part of the run
         "samples_per_second": result.metrics.get("train_samples_per_second"),
         "peak_memory_mb": round(peak_memory_mb(), 1),
         "rows": len(dataset.rows),
-        "skipped_rows": dict(dataset.skipped),
-        "skipped_total": sum(dataset.skipped.values()),
+        "skipped_rows": dict(skipped),
+        "skipped_total": sum(skipped.values()),
         "world_size": training_args.world_size,
     }
     if hasattr(model, "peft_config"):
@@ -490,13 +503,14 @@ def train(model_args: ModelArguments, data_args: DataArguments, training_args: T
 
         final = Phi3ProjectorForConditionalGeneration.from_pretrained(model_dir, use_safetensors=True).eval()
         rows = read_rows(data_args.eval_data_path)[: data_args.max_eval_samples]
-        folders = dict(image_folder=data_args.image_folder, audio_folder=data_args.audio_folder)
         summary["eval"] = evaluate(final, processor, rows, **folders)
         summary["eval_blank_media"] = evaluate(final, processor, rows, blank_media=True, **folders)
-    if history.losses:
-        plot_loss(history, output_dir / "loss.png", f"stage {model_args.stage}")
+    if losses:
+        plot_loss(losses, eval_losses, output_dir / "loss.png", f"stage {model_args.stage}")
     if model_dir.is_dir():
-        write_model_card(model_dir, summary)
+        from phi3mm.model_card import write_model_card
+
+        write_model_card(model_dir, summary, model_args, data_args, training_args, component_models(model_args, base))
     (output_dir / "run_summary.json").write_text(json.dumps(summary, indent=2, default=str))
     if training_args.push_to_hub and model_dir.is_dir():
         from huggingface_hub import HfApi

@@ -220,12 +220,19 @@ def test_two_process_ddp_on_cpu_with_the_accelerate_config(demo, tmp_path):
     assert "parallel_mode != ParallelMode.DISTRIBUTED" not in done.stderr + done.stdout
 
 
-def test_several_processes_without_a_distributed_backend_are_refused():
-    from transformers.training_args import ParallelMode
-
-    training_args = SimpleNamespace(world_size=2, parallel_mode=ParallelMode.NOT_PARALLEL)
-    with pytest.raises(ValueError, match="--use_cpu true"):
-        train(None, None, training_args)
+@pytest.mark.slow
+def test_two_processes_launched_without_use_cpu_are_refused(demo, tmp_path):
+    """torchrun on a machine without GPUs and without --use_cpu: accelerate starts no process group,
+    so each process would train its own copy into the same folder. Both must stop, saying why."""
+    command = [
+        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
+        str(ROOT / "train_trainer.py"), "--tiny", "true", "--stage", "pretrain", *data_args(demo),
+        "--output_dir", str(tmp_path / "out"), "--max_steps", "2", "--report_to", "none",
+    ]  # fmt: skip
+    result = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert result.returncode != 0
+    assert result.stderr.count("add --use_cpu true") >= 2, result.stderr[-3000:]
+    assert not (tmp_path / "out" / "run_summary.json").exists()
 
 
 def test_arguments_from_one_yaml_file_and_flags_over_it(tmp_path):
@@ -374,3 +381,42 @@ def test_every_trainable_parameter_gets_a_gradient_when_the_vision_tower_trains(
     trainable = {name: p for name, p in model.named_parameters() if p.requires_grad}
     assert any("vision_tower" in name and "layers.0." in name for name in trainable)
     assert [name for name, p in trainable.items() if p.grad is None] == []
+
+
+def test_eval_loss_during_training_keeps_the_best_adapter_and_a_resume_reports_the_whole_run(demo, base, tmp_path):
+    out = tmp_path / "eval"
+    common = [*qlora_args(base, rank=8), *data_args(demo), "--eval_data_path", demo / "eval.json", "--output_dir", out,
+              "--learning_rate", "2e-3", "--per_device_train_batch_size", "4", "--logging_steps", "1",
+              "--eval_strategy", "steps", "--eval_steps", "2", "--save_strategy", "steps", "--save_steps", "2",
+              "--load_best_model_at_end", "true", "--max_eval_samples", "8", "--merge", "false"]  # fmt: skip
+    first = run(*common, "--max_steps", "4")
+    assert [step for step, _ in first["eval_losses"]] == [2, 4]
+    best_step = min(first["eval_losses"], key=lambda pair: pair[1])[0]
+    assert first["best_checkpoint"].endswith(f"checkpoint-{best_step}")
+    best = load_file(out / f"checkpoint-{best_step}" / "adapter_model.safetensors")
+    saved = load_file(out / "adapter" / "adapter_model.safetensors")
+    assert all(torch.equal(best[k], saved[k]) for k in best), "the adapter saved at the end is the best one"
+
+    # Resumed from step 2 to step 6: the summary and the plot cover steps 1-6, not only 3-6.
+    resumed = run(*common, "--max_steps", "6", "--resume_from_checkpoint", out / "checkpoint-2")
+    assert resumed["resumed_from"].endswith("checkpoint-2")
+    assert [step for step, _ in resumed["eval_losses"]] == [2, 4, 6]
+    summary = json.loads((out / "run_summary.json").read_text())
+    assert summary["first_logged_loss"] == first["first_logged_loss"]
+
+
+def test_model_card_metadata_is_true_to_the_run():
+    from phi3mm.model_card import card_metadata, render_model_card
+
+    components = {"text": "microsoft/Phi-3.5-mini-instruct", "vision": "openai/clip-vit-large-patch14-336",
+                  "audio": "openai/whisper-small"}
+    summary = {"stage": "finetune", "tuning": "qlora", "steps": 10, "rows": 5, "skipped_total": 0}
+    metadata = card_metadata(summary, components, ["data/llava_instruct_150k.json"])
+    assert metadata["base_model"] == list(components.values())
+    assert metadata["license"] == "other" and metadata["license_name"] == "apache-2.0 and mit"
+    assert metadata["datasets"] == ["liuhaotian/LLaVA-Instruct-150K"] and "qlora" in metadata["tags"]
+    pretrain = card_metadata({**summary, "stage": "pretrain", "tuning": "projectors"}, components, [])
+    assert not {"qlora", "lora", "peft"} & set(pretrain["tags"]) and "datasets" not in pretrain
+    card = render_model_card(summary, components, [], {"learning rate": 2e-4}, "me/phi3mm")
+    assert 'repo = "me/phi3mm"' in card and "REPO" not in card and "COMMIT" not in card
+    assert "images=[" in card and "audio=[" in card and "## Limitations" in card
