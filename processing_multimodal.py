@@ -10,8 +10,9 @@ says clearly (ValueError, naming the item) when an input cannot be used.
     >>> prompt = processor.apply_chat_template(messages, add_generation_prompt=True)
     >>> inputs = processor(text=prompt, images=["shape.png"], return_tensors="pt")
 
-Only numpy and Pillow are needed beyond transformers; decoding audio files uses soundfile when it
-is installed (arrays and Gradio's `(sampling_rate, array)` pairs need nothing more).
+Only numpy and Pillow are needed beyond transformers. Where installed, soundfile decodes audio
+files and librosa resamples (soxr) and decodes what soundfile cannot; without librosa a numpy FFT
+resamples (arrays and Gradio's `(sampling_rate, array)` pairs need nothing more).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import io
 import math
 import os
 import re
+import warnings
 from collections.abc import Sequence
 
 import numpy as np
@@ -35,6 +37,10 @@ try:
     import soundfile
 except ImportError:  # audio files can't be decoded, arrays still work
     soundfile = None
+try:  # resampling through soxr, and decoding what soundfile cannot; numpy alone works without it
+    import librosa
+except ImportError:
+    librosa = None
 # Bounds on what one upload may cost. A 100 MP image is ~300 MB decoded (a 10 kB PNG can claim far
 # more: a decompression bomb); 30 minutes of audio is 29 M samples at 16 kHz. Both are refused with
 # a ValueError above these.
@@ -157,7 +163,16 @@ def to_rgb(image: Image.Image) -> Image.Image:
 
 
 def resample(wave: np.ndarray, orig_rate: int, new_rate: int) -> np.ndarray:
-    """Band-limited resampling by FFT: any pair of rates, anti-aliased, numpy only.
+    """Resample a clip: librosa's soxr (high quality) where librosa is installed, else `resample_fft`."""
+    if orig_rate == new_rate or wave.size == 0:
+        return wave
+    if librosa is not None:
+        return librosa.resample(wave, orig_sr=orig_rate, target_sr=new_rate, res_type="soxr_hq").astype(np.float32)
+    return resample_fft(wave, orig_rate, new_rate)
+
+
+def resample_fft(wave: np.ndarray, orig_rate: int, new_rate: int) -> np.ndarray:
+    """Band-limited resampling by FFT: any pair of rates, anti-aliased, numpy only (the fallback).
 
     numpy's FFT is fast at lengths made of small primes and ~10x slower, with gigabytes of scratch
     memory, at lengths with a large prime factor (5 minutes at 44101 Hz: 13,230,300 samples, a
@@ -220,7 +235,7 @@ def load_audio(audio, index: int = 0, sampling_rate: int | None = None) -> np.nd
                 raise
             raise ValueError(f"audio {index}: not a readable audio file ({error})") from None
         except Exception as error:  # soundfile raises its own LibsndfileError and RuntimeErrors
-            raise ValueError(f"audio {index}: not a readable audio file ({error})") from None
+            audio, rate = _decode_with_librosa(source, index, error)
         audio = audio.mean(axis=1)  # a file's samples are (frames, channels), however few the frames
     elif isinstance(audio, dict):
         audio, rate = audio.get("array"), audio.get("sampling_rate", rate)
@@ -261,6 +276,27 @@ def load_audio(audio, index: int = 0, sampling_rate: int | None = None) -> np.nd
             "(at most 2**31: integer PCM passed as floats)"
         )
     return resample(wave, int(rate), SAMPLING_RATE)
+
+
+def _decode_with_librosa(source, index: int, soundfile_error: Exception) -> tuple[np.ndarray, int]:
+    """A file soundfile cannot read, through librosa's other decoders (audioread: ffmpeg, GStreamer,
+    Core Audio, where installed); ValueError naming both failures when that fails too."""
+    if librosa is None or isinstance(source, io.BytesIO):  # audioread reads files only
+        raise ValueError(f"audio {index}: not a readable audio file ({soundfile_error})") from None
+    try:
+        with warnings.catch_warnings():  # librosa warns before falling back to audioread
+            warnings.simplefilter("ignore")
+            duration = librosa.get_duration(path=source)
+            if duration > MAX_AUDIO_SECONDS:
+                raise ValueError(_too_long(index, duration))
+            audio, rate = librosa.load(source, sr=None, mono=False)
+    except ValueError as error:
+        if str(error).startswith(f"audio {index}: "):
+            raise
+        raise ValueError(f"audio {index}: not a readable audio file ({soundfile_error}; librosa: {error})") from None
+    except Exception as error:
+        raise ValueError(f"audio {index}: not a readable audio file ({soundfile_error}; librosa: {type(error).__name__})") from None
+    return np.atleast_2d(audio).T, int(rate)  # (channels, frames) -> (frames, channels)
 
 
 def _too_long(index: int, seconds: float) -> str:
@@ -451,6 +487,6 @@ def _flatten(items) -> list:
     return flat
 
 
-__all__ = ["MultimodalProcessor", "load_audio", "load_image", "resample", "CHAT_TEMPLATE"]
+__all__ = ["MultimodalProcessor", "load_audio", "load_image", "resample", "resample_fft", "CHAT_TEMPLATE"]
 
 MultimodalProcessor.register_for_auto_class("AutoProcessor")

@@ -9,7 +9,8 @@ import soundfile
 from PIL import Image
 
 from conftest import shape_image, tone
-from processing_multimodal import load_audio, load_image, resample
+import processing_multimodal
+from processing_multimodal import load_audio, load_image, resample, resample_fft
 
 
 def test_chat_template_is_phi_3_5_with_content_parts(tiny):
@@ -82,10 +83,21 @@ def test_gradio_pair_int16_stereo_at_44k1_is_resampled_to_16k_mono():
     assert abs(np.argmax(np.abs(np.fft.rfft(wave))) - 1000) <= 1  # 1 s clip: bin = Hz
 
 
-def test_resample_removes_content_above_the_new_nyquist():
+@pytest.mark.parametrize("resampler", [resample, resample_fft], ids=["librosa-soxr", "numpy-fft"])
+def test_resample_removes_content_above_the_new_nyquist(resampler):
     high = tone(7000, 1.0, 48_000) + tone(11_000, 1.0, 48_000)  # 11 kHz cannot exist at 16 kHz
-    spectrum = np.abs(np.fft.rfft(resample(high, 48_000, 16_000)))
+    spectrum = np.abs(np.fft.rfft(resampler(high, 48_000, 16_000)))
     assert spectrum[7000] > 100 * spectrum[np.r_[0:6900, 7100:8001]].max()
+
+
+def test_resampling_goes_through_librosa_soxr_where_installed():
+    import librosa
+
+    wave = tone(440, 0.5, 44_100)
+    expected = librosa.resample(wave, orig_sr=44_100, target_sr=16_000, res_type="soxr_hq")
+    assert processing_multimodal.librosa is librosa
+    np.testing.assert_array_equal(resample(wave, 44_100, 16_000), expected.astype(np.float32))
+    assert np.abs(resample_fft(wave, 44_100, 16_000)[: len(expected)] - expected).max() > 0  # another method
 
 
 @pytest.mark.parametrize(
