@@ -275,8 +275,11 @@ class Assistant:
         max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
         temperature: float = DEFAULT_TEMPERATURE,
         transcribe_audio: bool = False,
+        system_prompt: str = "",
     ) -> Iterator[str | dict | list[dict]]:
         """Answer `message` ({"text", "files"}) given the earlier `history`, yielding the reply so far.
+
+        `system_prompt`, when not empty, goes to the model as the conversation's system turn.
 
         Each yield is the whole reply up to now: the answer text, or a list of messages when notes
         come with it (a transcript, older turns dropped), or one error message. Bad uploads and
@@ -314,11 +317,13 @@ class Assistant:
             yield _error("The model is busy with other requests; please try again in a minute.", notes)
             return
         try:
-            yield from self._generate(parse_history(history), turn, int(max_new_tokens), float(temperature), notes)
+            past = parse_history(history)
+            yield from self._generate(past, turn, int(max_new_tokens), float(temperature), notes, system_prompt or "")
         finally:
             self._model_lock.release()
 
-    def _generate(self, past: list[Turn], turn: Turn, max_new_tokens: int, temperature: float, notes: list[dict]):
+    def _generate(self, past: list[Turn], turn: Turn, max_new_tokens: int, temperature: float, notes: list[dict],
+                  system_prompt: str = ""):
         missing = sum(not os.path.isfile(path) for t in past for path in t.files)
         if missing:  # Gradio's upload cache was cleaned up since: go on without those files
             for t in past:
@@ -326,7 +331,7 @@ class Assistant:
             gone = f"{missing} earlier uploaded files are gone from the server; the model no longer sees them."
             notes = notes + [_note(gone)]
         try:
-            inputs, dropped = self.prepare_inputs(past, turn, max_new_tokens)
+            inputs, dropped = self.prepare_inputs(past, turn, max_new_tokens, system_prompt)
         except ValueError as error:
             yield _error(str(error), notes)
             return
@@ -387,15 +392,16 @@ class Assistant:
 
     # ---- building the prompt ------------------------------------------------------------------
 
-    def prepare_inputs(self, past: list[Turn], turn: Turn, max_new_tokens: int):
-        """Model inputs for the conversation `past + [turn]`, dropping the oldest turns that do not fit.
+    def prepare_inputs(self, past: list[Turn], turn: Turn, max_new_tokens: int, system_prompt: str = ""):
+        """Model inputs for the conversation `past + [turn]`, dropping the oldest turns that do not fit
+        (the system prompt, before the first turn, is always kept).
 
         Returns (BatchFeature, number of turns dropped). ValueError when even the new turn alone is
         too long, or a file can no longer be read.
         """
         turns = [t for t in past if not t.failed] + [turn]
         budget = self.context_length - max_new_tokens
-        inputs = self._encode(turns)
+        inputs = self._encode(turns, system_prompt)
         ids = inputs["input_ids"][0].tolist()
         if len(ids) <= budget:
             return inputs, 0
@@ -405,7 +411,7 @@ class Assistant:
         if len(starts) == len(turns):
             for k in range(1, len(turns)):
                 if starts[0] + len(ids) - starts[k] <= budget:
-                    return self._encode(turns[k:]), k
+                    return self._encode(turns[k:], system_prompt), k
         own = starts[0] + len(ids) - starts[-1] if starts else len(ids)
         raise ValueError(
             f"This message is {own} tokens long with its images and audio; with {max_new_tokens} tokens kept for "
@@ -413,8 +419,10 @@ class Assistant:
             "Send a shorter message, fewer images or shorter audio, or lower 'Max new tokens'."
         )
 
-    def _encode(self, turns: list[Turn]):
+    def _encode(self, turns: list[Turn], system_prompt: str = ""):
         messages, images, clips = [], [], []
+        if self._clean(system_prompt).strip():
+            messages.append({"role": "system", "content": self._clean(system_prompt).strip()})
         for turn in turns:
             parts = []
             for path in turn.files:
@@ -576,6 +584,7 @@ def build_demo(assistant: Assistant) -> gr.ChatInterface:
                 label="Transcribe audio with Whisper first",
                 info=audio_info,
             ),
+            gr.Textbox(value="", label="System prompt", lines=2, placeholder="Sent as the system turn, e.g. 'Answer in one word.'"),
         ],
         additional_inputs_accordion=gr.Accordion("⚙️ Generation settings", open=False),
         examples=examples or None,

@@ -185,6 +185,29 @@ def test_whole_conversation_goes_back_to_the_model(assistant):
         assert at >= 0, (piece, prompt)
 
 
+def test_system_prompt_is_the_system_turn_and_outlives_dropped_turns(assistant, monkeypatch):
+    history = []
+    for i in range(6):
+        history += [{"role": "user", "content": f"Question {i} about the shape?"}, {"role": "assistant", "content": f"Answer {i}."}]
+    system = "Answer in one word. <|user|> is not a role here."
+    inputs, _ = assistant.prepare_inputs(app.parse_history(history), app.Turn(text="Last?"), 8, system)
+    prompt = prompt_text(assistant, inputs)
+    assert prompt.startswith("<|system|>\nAnswer in one word.  is not a role here.<|end|>\n<|user|>\nQuestion 0")
+    monkeypatch.setattr(assistant, "context_length", inputs["input_ids"].shape[1] // 2 + 8)
+    inputs, dropped = assistant.prepare_inputs(app.parse_history(history), app.Turn(text="Last?"), 8, system)
+    prompt = prompt_text(assistant, inputs)
+    assert dropped > 0 and "Question 0" not in prompt and prompt.startswith("<|system|>\nAnswer in one word.")
+    assert "<|system|>" not in prompt_text(assistant, assistant.prepare_inputs([], app.Turn(text="Hi"), 8, "  ")[0])
+
+
+def test_client_sends_the_system_prompt(client, assistant, monkeypatch):
+    seen = []
+    encode = assistant._encode
+    monkeypatch.setattr(assistant, "_encode", lambda turns, system_prompt="": seen.append(system_prompt) or encode(turns, system_prompt))
+    client.predict({"text": "Hi", "files": []}, api_name="/chat", **{**FAST, "system_prompt": "Be brief."})
+    assert seen and seen[-1] == "Be brief."
+
+
 def test_errors_and_notes_stay_out_of_the_prompt(assistant, bad_files):
     bad = str(bad_files["could not be used"])
     history = [
@@ -301,7 +324,7 @@ def test_demo_has_the_chat_pieces(assistant):
     assert box.sources == ["upload", "microphone"] and box.file_types == ["image", "audio"]
     assert box.file_count == "multiple" and demo.original_stop_btn  # the stop button shows while answering
     assert [c.label for c in demo.additional_inputs] == [
-        "Max new tokens", "Temperature", "Transcribe audio with Whisper first"
+        "Max new tokens", "Temperature", "Transcribe audio with Whisper first", "System prompt"
     ]  # fmt: skip
     assert demo.additional_inputs_accordion_params["open"] is False  # settings tucked away
     assert len(demo.examples) == len(app.EXAMPLES)
@@ -407,9 +430,9 @@ def spy_on_prompts(assistant: app.Assistant, monkeypatch) -> list[tuple[list, ob
     seen = []
     prepare = assistant.prepare_inputs
 
-    def spy(past, turn, max_new_tokens):
+    def spy(past, turn, max_new_tokens, system_prompt=""):
         seen.append((past, turn))
-        return prepare(past, turn, max_new_tokens)
+        return prepare(past, turn, max_new_tokens, system_prompt)
 
     monkeypatch.setattr(assistant, "prepare_inputs", spy)
     return seen
