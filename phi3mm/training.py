@@ -434,10 +434,16 @@ def train(model_args: ModelArguments, data_args: DataArguments, training_args: T
     vision_cache = None
     if data_args.vision_cache_dir:
         if model_args.train_vision_tower:
-            raise ValueError("--vision_cache_dir skips the vision tower, so it cannot be combined with --train_vision_tower")
-        from phi3mm.vision_cache import VisionFeatureCache
+            raise ValueError(
+                "--vision_cache_dir holds features of a fixed tower, but --train_vision_tower changes the tower at "
+                "every step: drop one of the two (train the tower from pixels, or keep it frozen and use the cache)"
+            )
+        from phi3mm.vision_cache import VisionFeatureCache, tower_fingerprint
 
-        vision_cache = VisionFeatureCache(data_args.vision_cache_dir, model.config)
+        # The config fields and the tower's weights: a cache built from another tower (another seed,
+        # or one a stage with --train_vision_tower changed) must not train on stale features.
+        base_model = model.get_base_model() if hasattr(model, "get_base_model") else model
+        vision_cache = VisionFeatureCache(data_args.vision_cache_dir, base_model.config, fingerprint=tower_fingerprint(model))
     folders = dict(image_folder=data_args.image_folder, audio_folder=data_args.audio_folder)
     options = dict(max_length=data_args.max_length, strict=data_args.strict, vision_cache=vision_cache)
     dataset = LlavaDataset(read_rows(data_args.data_path), processor, **folders, **options)

@@ -125,7 +125,8 @@ class VisionFeatureCache:
             if self.meta.get(field) != value:
                 raise ValueError(
                     f"vision cache {self.cache_dir} does not match the model: {field} is {self.meta.get(field)!r} "
-                    f"in the cache but {value!r} for the model (rebuild the cache, in a new --cache_dir)"
+                    f"in the cache but {value!r} for the model. Build a cache from this model, in a new folder: "
+                    f"python -m phi3mm.vision_cache --model <this checkpoint> --data_path ... --cache_dir <new folder>"
                 )
 
     def check_model(self, model) -> None:

@@ -184,3 +184,28 @@ def test_interrupted_writes_leave_no_partial_entry(setup, tmp_path, monkeypatch)
     assert summary["reused"] == 2 and summary["computed"] == summary["images"] - 2
     cache = vc.VisionFeatureCache(out, setup["model"].config)
     assert all(cache.load(row["image"]).shape == cache.shape for row in setup["rows"])
+
+
+def test_training_refuses_a_cache_of_another_tower_and_a_trained_tower(setup, tmp_path):
+    """train_trainer with --vision_cache_dir: a checkpoint whose tower differs from the cache's (here:
+    another seed, same shapes) stops before training; so does a run that trains the tower."""
+    from phi3mm.training import DataArguments, ModelArguments, train
+    from transformers import TrainingArguments
+
+    other, processor = build_tiny_model(tmp_path / "components", with_audio=False, seed=1)
+    other_checkpoint = save_checkpoint(other, processor, tmp_path / "other")
+    data = setup["data"]
+
+    def run(checkpoint, **model_options):
+        model_args = ModelArguments(model_name_or_path=str(checkpoint), stage="pretrain", **model_options)
+        data_args = DataArguments(data_path=data["train"], image_folder=data["image_folder"],
+                                  vision_cache_dir=str(setup["root"] / "float32"))  # fmt: skip
+        training_args = TrainingArguments(output_dir=str(tmp_path / "out"), max_steps=1, report_to="none",
+                                          per_device_train_batch_size=2, save_strategy="no")  # fmt: skip
+        return train(model_args, data_args, training_args)
+
+    with pytest.raises(ValueError, match="fingerprint.*python -m phi3mm.vision_cache"):
+        run(other_checkpoint)
+    with pytest.raises(ValueError, match="--train_vision_tower changes the tower"):
+        run(setup["checkpoint"], train_vision_tower=True)
+    assert run(setup["checkpoint"])["steps"] == 1  # the cache of this very tower trains
