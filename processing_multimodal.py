@@ -26,12 +26,12 @@ from collections.abc import Sequence
 
 import numpy as np
 from PIL import Image
-from transformers import BatchFeature, ProcessorMixin
+from transformers import BatchFeature, PretrainedConfig, ProcessorMixin
 
 try:  # loaded as Hub remote code (a package)
-    from .configuration_phi3_projector import HOP_LENGTH, SAMPLING_RATE, audio_token_count
+    from .configuration_phi3_projector import HOP_LENGTH, SAMPLING_RATE, Phi3ProjectorConfig, audio_token_count
 except ImportError:  # imported from the repository root
-    from configuration_phi3_projector import HOP_LENGTH, SAMPLING_RATE, audio_token_count
+    from configuration_phi3_projector import HOP_LENGTH, SAMPLING_RATE, Phi3ProjectorConfig, audio_token_count
 
 try:
     import soundfile
@@ -357,6 +357,28 @@ class MultimodalProcessor(ProcessorMixin):
         self.audio_token_id = tokenizer.convert_tokens_to_ids(audio_token)
         self._placeholder = re.compile(f"({re.escape(image_token)}|{re.escape(audio_token)})")
 
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, **kwargs):
+        """The saved processor, with its token counts taken from the model's config.json beside it:
+        the model's config is the one place pooling and audio stacking are set, so editing
+        `image_token_pooling` there cannot leave the processor expanding the old number of tokens."""
+        processor = super().from_pretrained(pretrained_model_name_or_path, **kwargs)
+        hub_kwargs = {k: kwargs[k] for k in ("cache_dir", "revision", "token", "local_files_only") if k in kwargs}
+        try:
+            config_dict, _ = PretrainedConfig.get_config_dict(pretrained_model_name_or_path, **hub_kwargs)
+        except (OSError, ValueError):  # a processor saved on its own: its own counts stand
+            return processor
+        if config_dict.get("model_type") == Phi3ProjectorConfig.model_type:
+            processor.follow_config(Phi3ProjectorConfig.from_dict(config_dict))
+        return processor
+
+    def follow_config(self, config) -> None:
+        """Take the token counts from a model config: tokens per image, audio stacking and window."""
+        self.image_seq_length = config.image_seq_length
+        self.audio_stack_factor = config.audio_stack_factor
+        if config.audio_config is not None:
+            self.audio_max_frames = config.audio_config.max_source_positions
+
     @property
     def model_input_names(self) -> list[str]:
         return ["input_ids", "attention_mask", "pixel_values", "input_features", "input_features_mask"]
@@ -384,15 +406,23 @@ class MultimodalProcessor(ProcessorMixin):
         padding_side: str | None = None,
         max_length: int | None = None,
         sampling_rate: int | None = None,
+        audios=None,
+        videos=None,
         **kwargs,
     ) -> BatchFeature:
         """Tokenize `text` (one prompt or a batch) with its images and audio clips.
 
-        `images` / `audio`: one item, a flat list in placeholder order across the batch, or one list
-        per prompt. Returns input_ids, attention_mask, and pixel_values / input_features /
-        input_features_mask when media are given. Raises ValueError when a placeholder count does
-        not match the media, a medium cannot be read, or a prompt is longer than the context.
+        `images` / `audio` (or `audios`, the name other processors and lmms-eval use): one item, a
+        flat list in placeholder order across the batch, or one list per prompt. Returns input_ids,
+        attention_mask, and pixel_values / input_features / input_features_mask when media are
+        given. Raises ValueError when a placeholder count does not match the media, a medium cannot
+        be read, a prompt is longer than the context, or videos are given (the model takes none).
         """
+        if audio is not None and audios is not None:
+            raise ValueError("pass the clips as audio= or as audios=, not both")
+        audio = audio if audio is not None else audios
+        if _flatten(videos):
+            raise ValueError("this model takes images and audio, not video: pass frames as images instead")
         if text is None:
             raise ValueError("text is required: a prompt with one <image> / <audio> placeholder per image / clip")
         texts = [text] if isinstance(text, str) else list(text) if isinstance(text, (list, tuple)) else None

@@ -46,7 +46,7 @@ class ModelArguments:
     tiny: bool = field(default=False, metadata={"help": "Build tiny random components offline (the demo, tests)."})
     tiny_hidden_size: int = field(default=64, metadata={"help": "Width of the tiny language model."})
     tiny_audio_window_seconds: int = field(default=30, metadata={"help": "Window of the tiny Whisper (30 as the real one)."})
-    image_token_pooling: int = field(default=1, metadata={"help": "2 pools 576 image tokens to 144."})
+    image_token_pooling: int | None = field(default=None, metadata={"help": "2 pools 576 image tokens to 144 (default: the checkpoint's, 1 for a new model); changes a composite checkpoint's setting for the run and the saved model."})
     audio_stack_factor: int = field(default=5, metadata={"help": "Encoder frames per audio token (50 / k tokens per second)."})
     stage: str = field(default="finetune", metadata={"help": "'pretrain': projectors only, LM frozen; 'finetune': LM adapter + projectors."})
     tuning: str = field(default="qlora", metadata={"help": "How the LM is tuned in 'finetune': qlora | lora | full."})
@@ -108,7 +108,7 @@ def load_base(model_args: ModelArguments, output_dir: Path):
                     output_dir / "components",
                     hidden_size=model_args.tiny_hidden_size,
                     audio_window_seconds=model_args.tiny_audio_window_seconds,
-                    image_token_pooling=model_args.image_token_pooling,
+                    image_token_pooling=model_args.image_token_pooling or 1,
                     audio_stack_factor=model_args.audio_stack_factor,
                     with_audio=model_args.audio_model is not None,
                 )
@@ -117,7 +117,7 @@ def load_base(model_args: ModelArguments, output_dir: Path):
                     model_args.text_model,
                     model_args.vision_model,
                     model_args.audio_model,
-                    image_token_pooling=model_args.image_token_pooling,
+                    image_token_pooling=model_args.image_token_pooling or 1,
                     audio_stack_factor=model_args.audio_stack_factor,
                 )
             # Written aside and renamed when whole: a run killed mid-write must not leave a `base`
@@ -135,6 +135,14 @@ def load_base(model_args: ModelArguments, output_dir: Path):
     # The code is this repository's own; trust_remote_code only keeps the sub-processor loaders
     # from asking about the auto_map in the folder's config.
     processor = MultimodalProcessor.from_pretrained(base, trust_remote_code=True)
+    pooling = model_args.image_token_pooling
+    if pooling is not None and pooling != model.config.image_token_pooling:
+        # Pooling changes no weight: the run (and the model it saves) pools with the new factor,
+        # and the processor expands <image> to the matching number of tokens.
+        changed = model.config.to_dict() | {"image_token_pooling": pooling}
+        type(model.config).from_dict(changed)  # validates: the factor must divide the patch grid
+        model.config.image_token_pooling = pooling
+        processor.follow_config(model.config)
     return model, processor, str(base)
 
 
@@ -401,6 +409,7 @@ def merge_and_save(trained, base: str, adapter_dir: Path, processor, out_dir: Pa
     from peft import PeftModel
 
     full = Phi3ProjectorForConditionalGeneration.from_pretrained(base, dtype=dtype, use_safetensors=True)
+    full.config.image_token_pooling = trained.get_base_model().config.image_token_pooling  # as the run set it
     dequantized = copy_dequantized_weights(full, trained)
     merged = PeftModel.from_pretrained(full, adapter_dir).merge_and_unload()
     merged.eval()

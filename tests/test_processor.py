@@ -135,3 +135,25 @@ def test_truncated_png_is_a_value_error(tmp_path):
     path.write_bytes(buffer.getvalue()[: len(buffer.getvalue()) // 2])
     with pytest.raises(ValueError, match="not a readable image"):
         load_image(path)
+
+
+def test_pooling_set_in_the_checkpoint_config_reaches_the_processor(tmp_path):
+    """Editing image_token_pooling in config.json alone: the processor takes its token count from
+    the model's config, so prompts and features still agree."""
+    import json
+
+    from transformers import AutoModelForCausalLM, AutoProcessor
+
+    from phi3mm.build import build_tiny_model, save_checkpoint
+
+    model, processor = build_tiny_model(tmp_path / "components", with_audio=False)
+    folder = save_checkpoint(model, processor, tmp_path / "checkpoint")
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "image_token_pooling": 2}))
+    assert json.loads((folder / "processor_config.json").read_text())["image_seq_length"] == 16  # unchanged file
+    model = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True)
+    processor = AutoProcessor.from_pretrained(folder, trust_remote_code=True)
+    assert processor.image_seq_length == model.config.image_seq_length == 4
+    inputs = processor(text="<|user|>\n<image>\nWhat?<|end|>\n<|assistant|>\n", images=[shape_image()])
+    with torch.no_grad():
+        assert model(**inputs).image_hidden_states.shape[0] == 4

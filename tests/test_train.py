@@ -420,3 +420,33 @@ def test_model_card_metadata_is_true_to_the_run():
     card = render_model_card(summary, components, [], {"learning rate": 2e-4}, "me/phi3mm")
     assert 'repo = "me/phi3mm"' in card and "REPO" not in card and "COMMIT" not in card
     assert "images=[" in card and "audio=[" in card and "## Limitations" in card
+
+
+def test_image_token_pooling_flag_changes_a_composite_checkpoint_for_the_run_and_the_saved_model(demo, base, tmp_path):
+    from transformers import AutoProcessor
+
+    out = tmp_path / "pooled"
+    seen = []
+    from modeling_phi3_projector import Phi3ProjectorModel
+
+    original = Phi3ProjectorModel.get_image_features
+
+    def spy(self, pixel_values=None, vision_features=None):
+        features = original(self, pixel_values, vision_features)
+        seen.append(features.shape[1])
+        return features
+
+    Phi3ProjectorModel.get_image_features = spy
+    try:
+        run(*qlora_args(base, rank=8), *data_args(demo), "--output_dir", out, "--image_token_pooling", "2",
+            "--per_device_train_batch_size", "4", "--max_steps", "2", "--save_strategy", "no")  # fmt: skip
+    finally:
+        Phi3ProjectorModel.get_image_features = original
+    assert seen and set(seen) == {4}  # 16 tiny patches pooled 2x2 while training
+    saved = json.loads((out / "model" / "config.json").read_text())
+    assert saved["image_token_pooling"] == 2
+    assert AutoProcessor.from_pretrained(out / "model", trust_remote_code=True).image_seq_length == 4
+    assert json.loads((out / "model" / "processor_config.json").read_text())["image_seq_length"] == 4
+    with pytest.raises(ValueError, match="image_token_pooling"):  # 3 does not divide the 4 x 4 grid
+        run(*qlora_args(base, rank=8), *data_args(demo), "--output_dir", tmp_path / "bad", "--image_token_pooling", "3",
+            "--max_steps", "1")  # fmt: skip
