@@ -39,12 +39,12 @@ ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assi
 def read_rows(data_path) -> list[dict]:
     """A JSON list, a JSON Lines file, a `datasets` dataset or a folder saved with `save_to_disk`."""
     if not isinstance(data_path, (str, os.PathLike)):  # a datasets.Dataset or any sequence of dicts
-        return [dict(row) for row in data_path]
+        return [dict(row) for row in _undecoded_audio(data_path)]
     path = Path(data_path)
     if path.is_dir():
         import datasets
 
-        return [dict(row) for row in datasets.load_from_disk(str(path))]
+        return [dict(row) for row in _undecoded_audio(datasets.load_from_disk(str(path)))]
     if not path.is_file():
         raise ValueError(f"data file {str(path)!r} does not exist")
     text = path.read_text(encoding="utf-8")
@@ -57,6 +57,22 @@ def read_rows(data_path) -> list[dict]:
             raise ValueError(f"{path}: neither a JSON list nor JSON Lines ({error})") from None
     if not isinstance(rows, list) or not all(isinstance(row, dict) for row in rows):
         raise ValueError(f"{path}: expected a list of objects (LLaVA format)")
+    return rows
+
+
+def _undecoded_audio(rows):
+    """A `datasets` dataset's Audio columns read as {"bytes", "path"} (decoded later by the
+    processor's own audio loader: `datasets` would need torchcodec); other rows as they are."""
+    features = getattr(rows, "features", None)
+    if features is None:
+        return rows
+    import datasets
+
+    for name, feature in features.items():
+        if isinstance(feature, datasets.Audio) and feature.decode:
+            rows = rows.cast_column(name, datasets.Audio(decode=False))
+        elif isinstance(getattr(feature, "feature", None), datasets.Audio) and feature.feature.decode:
+            rows = rows.cast_column(name, datasets.List(datasets.Audio(decode=False)))
     return rows
 
 

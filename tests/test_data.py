@@ -337,3 +337,25 @@ def test_llava_mix665k_shapes_sub_folder_paths_and_text_only_sharegpt_rows(proce
     assert "pixel_values" not in text_only
     assert processor.tokenizer.decode(text_only["labels"][text_only["labels"] != IGNORE_INDEX]) == "How can I help?<|end|>"
     assert "Hi!" not in processor.tokenizer.decode(text_only["input_ids"])
+
+
+def test_asr_style_datasets_with_audio_columns_are_read_without_torchcodec(processor, tmp_path):
+    """LibriSpeech-like data sets: an Audio column (datasets would decode it with torchcodec, which
+    is not installed) plus a transcript; the rows come back with the clip as bytes for our loader."""
+    import io
+
+    import datasets
+
+    buffer = io.BytesIO()
+    sf.write(buffer, tone(seconds=0.5), 16_000, format="WAV")
+    rows = {"audio": [{"bytes": buffer.getvalue(), "path": None}], "text": ["hello"],
+            "audios": [[{"bytes": buffer.getvalue(), "path": None}]]}  # fmt: skip
+    ds = datasets.Dataset.from_dict(rows).cast_column("audio", datasets.Audio())
+    ds = ds.cast_column("audios", datasets.List(datasets.Audio()))
+    ds.save_to_disk(str(tmp_path / "asr"))
+    (row,) = read_rows(tmp_path / "asr")
+    assert isinstance(row["audio"]["bytes"], bytes) and row["text"] == "hello"
+    assert isinstance(row["audios"][0]["bytes"], bytes)
+    from processing_multimodal import load_audio
+
+    assert len(load_audio(row["audio"])) == 8000
