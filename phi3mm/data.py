@@ -258,21 +258,25 @@ class LlavaDataset(torch.utils.data.Dataset):
 
     def encode_row(self, row: dict) -> dict:
         messages = row_messages(row, self.processor.image_token, self.processor.audio_token)
-        images = self.media(row, "image")
+        image_inputs, clips = self.load_media(row)
+        return encode_conversation(
+            self.processor, messages, image_inputs, clips, self.max_length, precomputed=self.vision_cache is not None
+        )
+
+    def load_media(self, row: dict) -> tuple[list, list]:
+        """(images as RGB PIL images or cached features, clips as 16 kHz arrays); `_Skip` when unreadable."""
         if self.vision_cache is not None:
             image_inputs = [self.vision_cache.load(str(name)) for name in row_media(row, "image", None)]
         else:
             try:
-                image_inputs = [load_image(path, i) for i, path in enumerate(images)]
+                image_inputs = [load_image(path, i) for i, path in enumerate(self.media(row, "image"))]
             except ValueError as error:
                 raise _Skip("unreadable image", error) from None
         try:
             clips = [load_audio(clip, i) for i, clip in enumerate(self.media(row, "audio"))]
         except ValueError as error:
             raise _Skip("unreadable audio", error) from None
-        return encode_conversation(
-            self.processor, messages, image_inputs, clips, self.max_length, precomputed=self.vision_cache is not None
-        )
+        return image_inputs, clips
 
 
 def audio_tokens_from_header(processor, clip) -> int:

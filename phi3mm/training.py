@@ -34,6 +34,8 @@ from processing_multimodal import MultimodalProcessor
 logger = logging.getLogger(__name__)
 
 PROJECTORS = ("multi_modal_projector", "audio_projector")
+STAGES = ("pretrain", "finetune", "audio_align")
+AUDIO_LORA_TARGETS = r"model\.audio_tower\.layers\.\d+\.(self_attn\.(q_proj|k_proj|v_proj|out_proj)|fc1|fc2)"
 LORA_TARGETS = ("qkv_proj", "o_proj", "gate_up_proj", "down_proj")  # Phi-3's fused linears: not q_proj/k_proj/...
 
 
@@ -48,8 +50,8 @@ class ModelArguments:
     tiny_audio_window_seconds: int = field(default=30, metadata={"help": "Window of the tiny Whisper (30 as the real one)."})
     image_token_pooling: int | None = field(default=None, metadata={"help": "2 pools 576 image tokens to 144 (default: the checkpoint's, 1 for a new model); changes a composite checkpoint's setting for the run and the saved model."})
     audio_stack_factor: int = field(default=5, metadata={"help": "Encoder frames per audio token (50 / k tokens per second)."})
-    stage: str = field(default="finetune", metadata={"help": "'pretrain': projectors only, LM frozen; 'finetune': LM adapter + projectors."})
-    tuning: str = field(default="qlora", metadata={"help": "How the LM is tuned in 'finetune': qlora | lora | full."})
+    stage: str = field(default="finetune", metadata={"help": "'pretrain': projectors only, LM frozen; 'finetune': LM adapter + projectors; 'audio_align': the audio projector by distillation from the text path (phi3mm.align)."})
+    tuning: str = field(default="qlora", metadata={"help": "How the LM is tuned in 'finetune': qlora | lora | full (in 'audio_align' the LM stays frozen; qlora keeps it in 4 bits)."})
     lora_r: int = field(default=128, metadata={"help": "LoRA rank (LLaVA-1.5 uses 128)."})
     lora_alpha: int = field(default=256, metadata={"help": "LoRA alpha (LLaVA-1.5 uses 256)."})
     lora_dropout: float = field(default=0.05, metadata={"help": "LoRA dropout."})
@@ -57,11 +59,12 @@ class ModelArguments:
     projector_lr: float | None = field(default=None, metadata={"help": "Projector learning rate (default: the main one)."})
     train_vision_tower: bool = field(default=False, metadata={"help": "Also train the CLIP tower (kept frozen by default)."})
     train_audio_tower: bool = field(default=False, metadata={"help": "Also train the Whisper encoder."})
+    audio_lora_r: int = field(default=0, metadata={"help": "'audio_align': LoRA of this rank on the Whisper encoder (0: none)."})
     merge: bool = field(default=True, metadata={"help": "Merge LoRA into a full-precision copy at the end."})
 
     def __post_init__(self):
-        if self.stage not in ("pretrain", "finetune"):
-            raise ValueError(f"--stage must be 'pretrain' or 'finetune', got {self.stage!r}")
+        if self.stage not in STAGES:
+            raise ValueError(f"--stage must be one of {STAGES}, got {self.stage!r}")
         if self.tuning not in ("qlora", "lora", "full"):
             raise ValueError(f"--tuning must be qlora, lora or full, got {self.tuning!r}")
         if self.audio_model in ("none", ""):
@@ -78,6 +81,10 @@ class DataArguments:
     strict: bool = field(default=False, metadata={"help": "A bad row stops the run instead of being skipped."})
     vision_cache_dir: str | None = field(default=None, metadata={"help": "Precomputed vision features (phi3mm.vision_cache)."})
     max_eval_samples: int | None = field(default=None, metadata={"help": "Evaluate on at most this many rows."})
+    audio_column: str = field(default="audio", metadata={"help": "'audio_align': the ASR rows' audio column."})
+    text_column: str = field(default="text", metadata={"help": "'audio_align': the ASR rows' transcript column."})
+    align_loss: str = field(default="kl", metadata={"help": "'audio_align': kl (distillation from the text path) or ce (transcription)."})
+    align_temperature: float = field(default=1.0, metadata={"help": "'audio_align': softmax temperature of the KL loss."})
 
 
 def quantization_config(model_args: ModelArguments) -> BitsAndBytesConfig:
@@ -127,7 +134,7 @@ def load_base(model_args: ModelArguments, output_dir: Path):
             shutil.rmtree(base, ignore_errors=True)
             save_checkpoint(model, processor, partial)
             os.replace(partial, base)
-    quantize = model_args.stage == "finetune" and model_args.tuning == "qlora"
+    quantize = model_args.stage in ("finetune", "audio_align") and model_args.tuning == "qlora"
     model = Phi3ProjectorForConditionalGeneration.from_pretrained(
         base, quantization_config=quantization_config(model_args) if quantize else None, dtype=torch.float32,
         use_safetensors=True,  # never unpickle weights: a pytorch_model.bin can run code as it loads
@@ -149,6 +156,8 @@ def load_base(model_args: ModelArguments, output_dir: Path):
 def prepare_for_training(model, model_args: ModelArguments, training_args: TrainingArguments):
     """Freeze and unfreeze per stage, add LoRA where asked; returns the model to train."""
     model.requires_grad_(False)
+    if model_args.stage == "audio_align":
+        return prepare_for_audio_alignment(model, model_args, training_args)
     if model_args.stage == "finetune" and model_args.tuning in ("qlora", "lora"):
         from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 
@@ -181,6 +190,48 @@ def prepare_for_training(model, model_args: ModelArguments, training_args: Train
     total = sum(p.numel() for p in model.parameters())
     print(f"trainable params: {trainable:,} || all params: {total:,} || trainable%: {100 * trainable / total:.4f}")
     return model
+
+
+def prepare_for_audio_alignment(model, model_args: ModelArguments, training_args: TrainingArguments):
+    """The audio projector trains (and LoRA on the Whisper encoder, or the encoder in full, when
+    asked); the language model and the vision side stay frozen, so the teacher is the LM as it is."""
+    if model.model.audio_tower is None:
+        raise ValueError("--stage audio_align needs a model with an audio tower; this one has none (config.audio_config is None)")
+    if model_args.tuning == "qlora":
+        if model_args.audio_lora_r <= 0:
+            raise ValueError(
+                "--stage audio_align with --tuning qlora keeps the language model in 4 bits, and Trainer trains a 4-bit "
+                "model only through adapters: add --audio_lora_r 8 (LoRA on the Whisper encoder, the projector in full), "
+                "or use --tuning full (the language model stays frozen either way)"
+            )
+        from peft import prepare_model_for_kbit_training
+
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=bool(training_args.activation_checkpointing))
+        model.requires_grad_(False)
+    if model_args.audio_lora_r > 0:
+        from peft import LoraConfig, get_peft_model
+
+        lora = LoraConfig(r=model_args.audio_lora_r, lora_alpha=2 * model_args.audio_lora_r, lora_dropout=model_args.lora_dropout,
+                          target_modules=AUDIO_LORA_TARGETS, modules_to_save=["audio_projector"])  # fmt: skip
+        model = get_peft_model(model, lora)
+    else:
+        model.model.audio_projector.requires_grad_(True)
+        if model_args.train_audio_tower:
+            model.model.audio_tower.requires_grad_(True)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    print(f"trainable params: {trainable:,} || all params: {sum(p.numel() for p in model.parameters()):,}")
+    return model
+
+
+def save_aligned(trained, base: str, processor, out_dir: Path, dtype) -> None:
+    """The base in full precision with the trained audio tower and projector: the language model did
+    not train, so its original weights are the right ones (not the 4-bit copy the run held)."""
+    if hasattr(trained, "merge_and_unload"):
+        trained = trained.merge_and_unload()
+    full = Phi3ProjectorForConditionalGeneration.from_pretrained(base, dtype=dtype, use_safetensors=True)
+    for name in ("audio_tower", "audio_projector"):
+        getattr(full.model, name).load_state_dict(getattr(trained.model, name).state_dict())
+    save_checkpoint(full, processor, out_dir)
 
 
 def trained_in_full(model, model_args: ModelArguments) -> list[str]:
@@ -252,11 +303,18 @@ class MultimodalTrainer(Trainer):
     """`Trainer` with the logits-free training loss, length grouping from precomputed lengths and a
     projector learning rate."""
 
-    def __init__(self, *args, projector_lr: float | None = None, **kwargs):
+    def __init__(self, *args, projector_lr: float | None = None, align_loss: str | None = None,
+                 align_temperature: float = 1.0, **kwargs):  # fmt: skip
         super().__init__(*args, **kwargs)
         self.projector_lr = projector_lr
+        self.align_loss, self.align_temperature = align_loss, align_temperature
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        if self.align_loss == "kl":  # the audio alignment stage: the student's KL to the teacher
+            from phi3mm.align import distillation_loss
+
+            loss = distillation_loss(model, inputs, self.align_temperature, num_items_in_batch)
+            return (loss, {"loss": loss}) if return_outputs else loss
         # Training steps need only the loss: the head runs at the supervised positions alone (the
         # full logits of every image and prompt token are the largest activation of a step).
         # Evaluation asks for the outputs and gets the logits as usual.
@@ -455,19 +513,35 @@ def train(model_args: ModelArguments, data_args: DataArguments, training_args: T
         vision_cache = VisionFeatureCache(data_args.vision_cache_dir, base_model.config, fingerprint=tower_fingerprint(model))
     folders = dict(image_folder=data_args.image_folder, audio_folder=data_args.audio_folder)
     options = dict(max_length=data_args.max_length, strict=data_args.strict, vision_cache=vision_cache)
-    dataset = LlavaDataset(read_rows(data_args.data_path), processor, **folders, **options)
+    collator = MultimodalCollator(processor.tokenizer.pad_token_id)
+    make_dataset = LlavaDataset
+    if model_args.stage == "audio_align":
+        from phi3mm.align import AlignmentCollator, AlignmentDataset
+
+        options.update(audio_column=data_args.audio_column, text_column=data_args.text_column, loss=data_args.align_loss)
+        make_dataset, collator = AlignmentDataset, AlignmentCollator(processor.tokenizer.pad_token_id)
+    dataset = make_dataset(read_rows(data_args.data_path), processor, **folders, **options)
     eval_dataset = None
     if data_args.eval_data_path and training_args.eval_strategy != "no":  # eval loss during training
         eval_rows = read_rows(data_args.eval_data_path)[: data_args.max_eval_samples]
-        eval_dataset = LlavaDataset(eval_rows, processor, **folders, **options)
+        eval_dataset = make_dataset(eval_rows, processor, **folders, **options)
         training_args.prediction_loss_only = True  # no metric reads the logits: the eval loss is the figure
+    if model_args.stage == "audio_align":
+        # ASR rows without a continuation get the teacher's own, generated once (rank 0 first,
+        # the others then read its cache) before any step.
+        with training_args.main_process_first(desc="teacher continuations"):
+            for data in (dataset, eval_dataset):
+                if data is not None and data.fill_continuations(model, output_dir / "continuations.json"):
+                    logger.info("generated the teacher's continuations for %d rows", len(data.rows))
     trainer = MultimodalTrainer(
         model=model,
         args=training_args,
         train_dataset=dataset,
         eval_dataset=eval_dataset,
-        data_collator=MultimodalCollator(processor.tokenizer.pad_token_id),
+        data_collator=collator,
         projector_lr=model_args.projector_lr,
+        align_loss=data_args.align_loss if model_args.stage == "audio_align" else None,
+        align_temperature=data_args.align_temperature,
     )
     resume = resolve_resume(training_args.resume_from_checkpoint, output_dir)
     start = time.perf_counter()
@@ -480,7 +554,7 @@ def train(model_args: ModelArguments, data_args: DataArguments, training_args: T
     skipped = skipped_over_ranks(dataset)
     summary = {
         "stage": model_args.stage,
-        "tuning": model_args.tuning if model_args.stage == "finetune" else "projectors",
+        "tuning": {"finetune": model_args.tuning, "pretrain": "projectors"}.get(model_args.stage, "audio projector"),
         "steps": trainer.state.global_step,
         "resumed_from": resume,
         "train_loss": result.training_loss,
@@ -503,11 +577,13 @@ def train(model_args: ModelArguments, data_args: DataArguments, training_args: T
         return summary
 
     model_dir = output_dir / "model"
-    if hasattr(model, "peft_config"):
+    dtype = torch.bfloat16 if training_args.bf16 else torch.float32
+    if model_args.stage == "audio_align":
+        save_aligned(trainer.model, base, processor, model_dir, dtype)
+    elif hasattr(model, "peft_config"):
         adapter_dir = output_dir / "adapter"
         if model_args.merge:
             samples = [trainer.data_collator([dataset[i] for i in range(j, min(j + 2, len(dataset)))]) for j in (0, 2) if j < len(dataset)]
-            dtype = torch.bfloat16 if training_args.bf16 else torch.float32
             summary["merge"] = merge_and_save(trainer.model, base, adapter_dir, processor, model_dir, samples, dtype)
             print(f"merged vs trained: {summary['merge']}")
     else:
