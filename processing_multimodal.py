@@ -55,7 +55,9 @@ MAX_AUDIO_SAMPLES = MAX_AUDIO_SECONDS * 48_000 * 2
 MAX_ASPECT_RATIO = 20
 
 # Phi-3.5's chat format, with content given as a string or as a list of image / audio / text parts;
-# the parts of one message are joined by newlines, in the order given.
+# the parts of one message are joined by newlines, in the order given. `{% generation %}` marks what
+# an assistant writes (its answer and closing <|end|>) for `apply_chat_template(...,
+# return_assistant_tokens_mask=True)`, TRL's `assistant_only_loss`; it renders to nothing.
 CHAT_TEMPLATE = (
     "{%- for message in messages -%}"
     "{%- if message['role'] in ['system', 'user', 'assistant'] -%}"
@@ -67,7 +69,9 @@ CHAT_TEMPLATE = (
     "{%- elif part['type'] == 'text' -%}{%- set parts.items = parts.items + [part['text']] -%}"
     "{%- endif -%}{%- endfor -%}{%- set body = parts.items | join('\n') -%}"
     "{%- endif -%}"
-    "{%- if message['role'] != 'system' or body -%}"
+    "{%- if message['role'] == 'assistant' -%}"
+    "{{- '<|assistant|>\n' -}}{%- generation -%}{{- body + '<|end|>' -}}{%- endgeneration -%}{{- '\n' -}}"
+    "{%- elif message['role'] != 'system' or body -%}"
     "{{- '<|' + message['role'] + '|>\n' + body + '<|end|>\n' -}}"
     "{%- endif -%}"
     "{%- endif -%}"
@@ -448,8 +452,14 @@ class MultimodalProcessor(ProcessorMixin):
         if clips:
             data["input_features"], data["input_features_mask"], audio_tokens = self.process_audio(clips, sampling_rate)
 
-        expanded = self._expand_placeholders(texts, iter(audio_tokens))
-        tokenizer_kwargs = {k: v for k, v in kwargs.items() if k in ("add_special_tokens", "pad_to_multiple_of", "return_attention_mask")}
+        expanded, replacements = self._expand_placeholders(texts, iter(audio_tokens))
+        # Token offsets and where each placeholder went are what `apply_chat_template(...,
+        # return_assistant_tokens_mask=True)` maps the template's {% generation %} spans with.
+        tokenizer_kwargs = {
+            k: v
+            for k, v in kwargs.items()
+            if k in ("add_special_tokens", "pad_to_multiple_of", "return_attention_mask", "return_offsets_mapping")
+        }
         if padding_side is not None:
             tokenizer_kwargs["padding_side"] = padding_side
         encoded = self.tokenizer(expanded, padding=padding, **tokenizer_kwargs)
@@ -464,7 +474,9 @@ class MultimodalProcessor(ProcessorMixin):
                     "shorten the text or send fewer images / less audio"
                 )
         data.update(encoded)
-        return BatchFeature(data=data, tensor_type=return_tensors)
+        if kwargs.get("return_text_replacement_offsets"):
+            data["text_replacement_offsets"] = replacements
+        return BatchFeature(data=data, tensor_type=return_tensors, skip_tensor_conversion=["text_replacement_offsets"])
 
     def process_images(self, images: list) -> np.ndarray:
         """Images (paths, arrays, PIL images) -> pixel_values (images, 3, H, W)."""
@@ -489,20 +501,27 @@ class MultimodalProcessor(ProcessorMixin):
 
     def expand_placeholders(self, text: str, audio_tokens: list[int]) -> str:
         """Repeat each <image> image_seq_length times and the i-th <audio> audio_tokens[i] times."""
-        return self._expand_placeholders([text], iter(audio_tokens))[0]
+        return self._expand_placeholders([text], iter(audio_tokens))[0][0]
 
-    def _expand_placeholders(self, texts: list[str], audio_tokens) -> list[str]:
-        expanded = []
+    def _expand_placeholders(self, texts: list[str], audio_tokens) -> tuple[list[str], list[list[dict]]]:
+        """The expanded texts, and per text where each placeholder was and went: transformers'
+        `text_replacement_offsets` ({"type", "span", "new_span", "text", "replacement"}, character
+        offsets in the text and in its expansion)."""
+        expanded, replacements = [], []
         for text in texts:
-            pieces = []
+            pieces, moved, old_end, new_end = [], [], 0, 0
             for piece in self._placeholder.split(text):
-                if piece == self.image_token:
-                    piece = self.image_token * self.image_seq_length
-                elif piece == self.audio_token:
-                    piece = self.audio_token * next(audio_tokens)
-                pieces.append(piece)
+                new = piece
+                if piece in (self.image_token, self.audio_token):
+                    kind = "image" if piece == self.image_token else "audio"
+                    new = piece * (self.image_seq_length if kind == "image" else next(audio_tokens))
+                    span, new_span = (old_end, old_end + len(piece)), (new_end, new_end + len(new))
+                    moved.append({"type": kind, "span": span, "new_span": new_span, "text": piece, "replacement": new})
+                old_end, new_end = old_end + len(piece), new_end + len(new)
+                pieces.append(new)
             expanded.append("".join(pieces))
-        return expanded
+            replacements.append(moved)
+        return expanded, replacements
 
 
 def _flatten(items) -> list:

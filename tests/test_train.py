@@ -254,7 +254,7 @@ def test_arguments_from_one_yaml_file_and_flags_over_it(tmp_path):
     assert data.data_path == "data/train.json"  # the rest still comes from the file
     assert (training.per_device_train_batch_size, training.lr_scheduler_type) == (8, "cosine")
 
-    with pytest.raises(ValueError, match=r"--stage must be 'pretrain' or 'finetune', got 'align'"):
+    with pytest.raises(ValueError, match=r"--stage must be one of \('pretrain', 'finetune', 'audio_align'\), got 'align'"):
         parse_args([str(config), "--stage", "align"])
     with pytest.raises(ValueError, match=r"--tuning must be qlora, lora or full, got 'qlora4'"):
         parse_args(["--data_path", "x.json", "--tuning", "qlora4"])
