@@ -450,3 +450,9 @@ def test_image_token_pooling_flag_changes_a_composite_checkpoint_for_the_run_and
     with pytest.raises(ValueError, match="image_token_pooling"):  # 3 does not divide the 4 x 4 grid
         run(*qlora_args(base, rank=8), *data_args(demo), "--output_dir", tmp_path / "bad", "--image_token_pooling", "3",
             "--max_steps", "1")  # fmt: skip
+
+
+@pytest.mark.parametrize("name", ["pretrain.yaml", "finetune.yaml", "audio_align.yaml"])
+def test_the_recipe_files_parse(name):
+    model_args, data, training = parse_args([str(ROOT / "configs" / name), "--bf16", "false"])
+    assert model_args.stage == name.removesuffix(".yaml") and data.data_path and training.learning_rate > 0
