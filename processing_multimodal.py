@@ -76,7 +76,9 @@ CHAT_TEMPLATE = (
     "{%- endif -%}"
     "{%- endif -%}"
     "{%- endfor -%}"
-    "{%- if add_generation_prompt -%}{{- '<|assistant|>\n' -}}{%- else -%}{{- eos_token -}}{%- endif -%}"
+    # A finished conversation ends with the end-of-text token, unless the tokenizer's eos is the
+    # <|end|> that already closed the last turn (this model's, so that tools stopping at eos stop there).
+    "{%- if add_generation_prompt -%}{{- '<|assistant|>\n' -}}{%- elif eos_token != '<|end|>' -%}{{- eos_token -}}{%- endif -%}"
 )
 
 

@@ -82,6 +82,11 @@ def build_model_and_processor(
     tokenizer.padding_side = "left"  # batched generation appends on the right
     if tokenizer.pad_token is None:
         tokenizer.pad_token = "<|endoftext|>" if "<|endoftext|>" in tokenizer.get_vocab() else tokenizer.eos_token
+    text_eos_id = tokenizer.eos_token_id
+    if "<|end|>" in tokenizer.get_vocab():
+        # An answer ends with <|end|>: tools that stop at tokenizer.eos_token_id alone (lmms-eval,
+        # simple generate loops) must stop there too, as Microsoft set for Phi-3-mini-instruct.
+        tokenizer.eos_token = "<|end|>"
     tokenizer.model_max_length = language_model.config.max_position_embeddings
 
     config = Phi3ProjectorConfig(
@@ -90,7 +95,9 @@ def build_model_and_processor(
         audio_config=audio_tower.config if audio_tower is not None else None,
         image_token_id=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN),
         audio_token_id=tokenizer.convert_tokens_to_ids(AUDIO_TOKEN),
-        **config_options,
+        # new projectors learn on real-length encoding; the card's metadata names the components
+        **{"audio_real_length": True, "component_models": _component_names(text_model, vision_model, audio_model),
+           **config_options},
     )
     # Build the shell on the meta device (no memory, no random init of billions of weights), then
     # put the loaded components in and create the projectors for real.
@@ -110,8 +117,10 @@ def build_model_and_processor(
 
     end_id = tokenizer.convert_tokens_to_ids("<|end|>")
     model.generation_config = language_model.generation_config
-    model.generation_config.eos_token_id = sorted({end_id, tokenizer.eos_token_id})
+    model.generation_config.eos_token_id = sorted({end_id, text_eos_id})
     model.generation_config.pad_token_id = tokenizer.pad_token_id
+    # transformers' default max_length of 20 cuts answers off (with a warning) when a caller sets no length.
+    model.generation_config.max_new_tokens = 512
 
     processor = MultimodalProcessor(
         image_processor=image_processor,
@@ -122,6 +131,11 @@ def build_model_and_processor(
         audio_max_frames=audio_tower.config.max_source_positions if audio_tower is not None else 1500,
     )
     return model, processor
+
+
+def _component_names(*names) -> dict[str, str | None]:
+    """{"text", "vision", "audio"}: hub ids as given, local folders by their resolved path."""
+    return {kind: (str(name) if name is not None else None) for kind, name in zip(("text", "vision", "audio"), names)}
 
 
 @contextlib.contextmanager
@@ -195,6 +209,15 @@ def make_tiny_components(
     audio_window_seconds: int = 30,
     spare_embedding_rows: bool = True,
     seed: int = 0,
+    intermediate_size: int | None = None,
+    num_attention_heads: int = 4,
+    vision_hidden_size: int | None = None,
+    vision_intermediate_size: int | None = None,
+    vision_layers: int | None = None,
+    vision_attention_heads: int = 2,
+    vocab_size: int | None = None,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype = torch.float32,
 ) -> dict[str, Path]:
     """Write a tiny Phi-3 LM + tokenizer, a tiny CLIP and a tiny Whisper to `out_dir/{text,vision,audio}`.
 
@@ -202,19 +225,25 @@ def make_tiny_components(
     loading them exercises the real path. `spare_embedding_rows=False` makes the embedding exactly
     as large as the tokenizer, so adding the placeholders has to resize it. `audio_window_seconds`
     below Whisper's 30 makes a tower that encodes shorter windows (the demo's clips are under 2 s).
+    The shape options (MLP widths default to twice the width, the vision tower to the LM's width
+    and depth, `vocab_size` to the tokenizer's rows) let `phi3mm.bench` build its larger sizes up
+    to Phi-3.5-mini + CLIP-L/336, initialised on `device` in `dtype` (a GPU initialises billions of
+    weights in seconds; bf16 halves the memory).
     """
     out_dir = Path(out_dir)
     torch.manual_seed(seed)
     tokenizer = build_tiny_tokenizer()
     n_tokens = len(tokenizer)
-    vocab_size = (n_tokens + 2 + 63) // 64 * 64 if spare_embedding_rows else n_tokens
+    if vocab_size is None:
+        vocab_size = (n_tokens + 2 + 63) // 64 * 64 if spare_embedding_rows else n_tokens
+    vision_width = vision_hidden_size or hidden_size  # half the LM's width learnt shapes more slowly
     text_config = Phi3Config(
         vocab_size=vocab_size,
         hidden_size=hidden_size,
-        intermediate_size=hidden_size * 2,
+        intermediate_size=intermediate_size or hidden_size * 2,
         num_hidden_layers=num_layers,
-        num_attention_heads=4,
-        num_key_value_heads=4,
+        num_attention_heads=num_attention_heads,
+        num_key_value_heads=num_attention_heads,
         max_position_embeddings=4096,
         original_max_position_embeddings=4096,
         pad_token_id=tokenizer.pad_token_id,
@@ -225,35 +254,41 @@ def make_tiny_components(
         # attention from nothing (left/right stayed at chance); 0.5/sqrt(width) gives it something to adapt.
         initializer_range=0.5 / hidden_size**0.5,
     )
-    paths = {"text": out_dir / "text", "vision": out_dir / "vision"}
-    language_model = Phi3ForCausalLM(text_config)
-    # A trained LM's head can express a confident next token; one initialised at std 0.02 caps
-    # every logit near zero (|logit| <= 0.02 * width after the final norm), which no adapter on the
-    # body can undo. Rows of norm 1.5 give the tiny LM a head a trained model would have.
-    torch.nn.init.normal_(language_model.lm_head.weight, std=1.5 / hidden_size**0.5)
-    language_model.save_pretrained(paths["text"])
-    tokenizer.save_pretrained(paths["text"])
-
     width = hidden_size // 2
-    vision_width = hidden_size  # half that width learnt shapes more slowly
     clip_config = CLIPConfig(
         text_config=dict(hidden_size=width, intermediate_size=width * 2, num_hidden_layers=1, num_attention_heads=2, vocab_size=99, bos_token_id=0, eos_token_id=1, pad_token_id=1),
         vision_config=dict(
             hidden_size=vision_width,
-            intermediate_size=vision_width * 2,
-            num_hidden_layers=num_layers,
-            num_attention_heads=2,
+            intermediate_size=vision_intermediate_size or vision_width * 2,
+            num_hidden_layers=vision_layers or num_layers,
+            num_attention_heads=vision_attention_heads,
             image_size=image_size,
             patch_size=patch_size,
         ),
         projection_dim=vision_width,
     )
-    clip = CLIPModel(clip_config)
-    # CLIP initialises position embeddings at std 0.02, ~28x below what a 16x16 patch's content
-    # embedding carries (std ~0.56 for unit-variance pixels), so a random tower all but erases where
-    # a patch is; a trained CLIP's position embeddings are on the scale of its patch embeddings.
-    torch.nn.init.normal_(clip.vision_model.embeddings.position_embedding.weight, std=0.5)
-    clip.save_pretrained(paths["vision"])
+    paths = {"text": out_dir / "text", "vision": out_dir / "vision"}
+    previous_dtype = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            language_model = Phi3ForCausalLM(text_config)
+            # A trained LM's head can express a confident next token; one initialised at std 0.02 caps
+            # every logit near zero (|logit| <= 0.02 * width after the final norm), which no adapter on the
+            # body can undo. Rows of norm 1.5 give the tiny LM a head a trained model would have.
+            torch.nn.init.normal_(language_model.lm_head.weight, std=1.5 / hidden_size**0.5)
+            language_model.save_pretrained(paths["text"])
+            del language_model
+            clip = CLIPModel(clip_config)
+            # CLIP initialises position embeddings at std 0.02, ~28x below what a 16x16 patch's content
+            # embedding carries (std ~0.56 for unit-variance pixels), so a random tower all but erases where
+            # a patch is; a trained CLIP's position embeddings are on the scale of its patch embeddings.
+            torch.nn.init.normal_(clip.vision_model.embeddings.position_embedding.weight, std=0.5)
+            clip.save_pretrained(paths["vision"])
+            del clip
+    finally:
+        torch.set_default_dtype(previous_dtype)
+    tokenizer.save_pretrained(paths["text"])
     CLIPImageProcessorPil(
         size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size}
     ).save_pretrained(paths["vision"])
@@ -278,9 +313,15 @@ def make_tiny_components(
 
 
 def build_tiny_model(work_dir: str | os.PathLike, with_audio: bool = True, **options):
-    """Tiny components in `work_dir`, then the same `build_model_and_processor` a real run uses."""
-    component_keys = inspect.signature(make_tiny_components).parameters
+    """Tiny components in `work_dir`, then the same `build_model_and_processor` a real run uses.
+
+    Options named in `make_tiny_components` shape the components (`dtype` goes to both); the rest
+    go to `build_model_and_processor` (`image_token_pooling`, ...).
+    """
+    component_keys = set(inspect.signature(make_tiny_components).parameters) - {"dtype"}
     component_options = {k: options.pop(k) for k in list(options) if k in component_keys}
+    if "dtype" in options:
+        component_options["dtype"] = options["dtype"]
     paths = make_tiny_components(work_dir, with_audio=with_audio, **component_options)
     return build_model_and_processor(paths["text"], paths["vision"], paths.get("audio"), **options)
 

@@ -9,7 +9,12 @@ The model loads once, through `AutoModelForCausalLM` / `AutoProcessor` with trus
 this folder runs as a Hugging Face Space on its own: it imports nothing from the repository.
 
     --model      hub id or folder; else $MODEL_ID; else outputs/demo/model if it exists; else DEFAULT_REPO_ID
-    --asr_model  Whisper checkpoint for the "transcribe audio first" switch; else $ASR_MODEL; else openai/whisper-small
+    --asr_model  Whisper checkpoint for the "Transcribe audio with Whisper first" switch; else $ASR_MODEL;
+                 else outputs/real_parts/whisper_base if it exists (written offline by the repository's
+                 `python -m phi3mm.real_parts`), so the switch works offline; else DEFAULT_ASR_MODEL
+                 (openai/whisper-small, online; openai/whisper-base through --asr_model is faster)
+
+Both folders are looked for under the current directory, then the repository root next to space/.
 
 `Assistant.respond` is the chat handler: a generator that tests (and other code) can call without
 a browser. The chat endpoint is `/chat` and takes just the message `{"text": ..., "files": [...]}`.
@@ -47,6 +52,7 @@ from transformers import (
 DEFAULT_REPO_ID = "phi3-multimodal/phi-3.5-clip-whisper"
 DEFAULT_ASR_MODEL = "openai/whisper-small"
 DEMO_MODEL_DIR = Path("outputs") / "demo" / "model"  # what the offline demo run writes
+LOCAL_ASR_DIR = Path("outputs") / "real_parts" / "whisper_base"  # what `python -m phi3mm.real_parts` writes
 SPACE_DIR = Path(__file__).resolve().parent
 EXAMPLES_DIR = SPACE_DIR / "examples"
 
@@ -54,6 +60,7 @@ MAX_FILE_MB = 20.0  # larger uploads get a message in the chat
 UPLOAD_HARD_LIMIT_FACTOR = 4  # Gradio itself refuses uploads this many times larger, before they reach disk
 QUEUE_MAX_SIZE = 32  # requests waiting for the model; more are turned away with "queue full"
 DEFAULT_MAX_NEW_TOKENS = 512
+MAX_ASR_TOKENS = 400  # Whisper's decoder holds 448 positions, its prompt tokens included
 DEFAULT_TEMPERATURE = 0.7
 TOKEN_POLL_S = 1.0  # how often the handler checks on a generation that has gone quiet
 GENERATION_TIMEOUT_S = 600.0  # a request that has produced nothing for this long is given up
@@ -74,16 +81,27 @@ class ModelLoadError(RuntimeError):
     """The model or processor could not be loaded; the message says which and why."""
 
 
-def resolve_model_id(model: str | None = None) -> str:
-    """--model, else $MODEL_ID, else the demo's outputs/demo/model (repo root or current dir), else the Hub id."""
-    if model:
-        return model
-    if os.environ.get("MODEL_ID"):
-        return os.environ["MODEL_ID"]
+def _resolve(given: str | None, env_var: str, local_dir: Path, hub_id: str) -> str:
+    """`given`, else $`env_var`, else `local_dir` under the current directory or the repository root
+    (when it holds a config.json), else `hub_id`."""
+    if given:
+        return given
+    if os.environ.get(env_var):
+        return os.environ[env_var]
     for root in (Path.cwd(), SPACE_DIR.parent):
-        if (root / DEMO_MODEL_DIR / "config.json").is_file():
-            return str(root / DEMO_MODEL_DIR)
-    return DEFAULT_REPO_ID
+        if (root / local_dir / "config.json").is_file():
+            return str(root / local_dir)
+    return hub_id
+
+
+def resolve_model_id(model: str | None = None) -> str:
+    """--model, else $MODEL_ID, else the demo's outputs/demo/model, else the Hub id."""
+    return _resolve(model, "MODEL_ID", DEMO_MODEL_DIR, DEFAULT_REPO_ID)
+
+
+def resolve_asr_model(asr_model: str | None = None) -> str:
+    """--asr_model, else $ASR_MODEL, else the local outputs/real_parts/whisper_base, else openai/whisper-small."""
+    return _resolve(asr_model, "ASR_MODEL", LOCAL_ASR_DIR, DEFAULT_ASR_MODEL)
 
 
 def load_model(model_id: str, dtype: str = "auto") -> tuple[Any, Any]:
@@ -125,7 +143,15 @@ def whisper_transcriber(asr_model: str, device: torch.device | str = "cpu") -> C
 
     # chunk_length_s: Whisper hears 30 s at a time; longer clips are transcribed window by window.
     asr = pipeline("automatic-speech-recognition", model=asr_model, chunk_length_s=30, device=device)
-    return lambda wave: asr({"raw": wave, "sampling_rate": 16_000})["text"]
+
+    def transcribe(wave: np.ndarray) -> str:
+        # At most ~8 tokens per second of audio (fast speech is 3-4 words a second): on silence
+        # Whisper can repeat ". . ." up to its 448-token limit, minutes on a CPU.
+        seconds = min(len(wave) / 16_000, 30.0)
+        limit = min(MAX_ASR_TOKENS, 16 + int(8 * seconds))
+        return asr({"raw": wave, "sampling_rate": 16_000}, generate_kwargs={"max_new_tokens": limit})["text"]
+
+    return transcribe
 
 
 @dataclass
@@ -229,7 +255,7 @@ class Assistant:
 
     Args:
         model, processor: what `load_model` returns.
-        asr_model: Whisper checkpoint for transcribing audio, loaded on first use.
+        asr_model: Whisper checkpoint for transcribing audio, loaded on first use (default: `resolve_asr_model()`).
         transcriber: 16 kHz samples -> text; replaces the Whisper pipeline (tests inject a fake).
         max_file_mb: uploads above this size are refused with a message in the chat.
     """
@@ -238,13 +264,13 @@ class Assistant:
         self,
         model,
         processor,
-        asr_model: str = DEFAULT_ASR_MODEL,
+        asr_model: str | None = None,
         transcriber: Callable[[np.ndarray], str] | None = None,
         max_file_mb: float = MAX_FILE_MB,
     ):
         self.model = model
         self.processor = processor
-        self.asr_model = asr_model
+        self.asr_model = resolve_asr_model(asr_model)
         self.transcriber = transcriber
         self.max_file_mb = max_file_mb
         self.context_length = model.config.text_config.max_position_embeddings
@@ -618,7 +644,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--model", default=None, help="hub id or folder (default: $MODEL_ID, outputs/demo/model, or DEFAULT_REPO_ID)"
     )
     parser.add_argument(
-        "--asr_model", default=os.environ.get("ASR_MODEL", DEFAULT_ASR_MODEL), help="Whisper checkpoint for ASR"
+        "--asr_model",
+        default=None,
+        help="Whisper checkpoint for ASR (default: $ASR_MODEL, outputs/real_parts/whisper_base, or DEFAULT_ASR_MODEL)",
     )
     # Spaces set GRADIO_SERVER_NAME=0.0.0.0; locally the app stays on the loopback interface.
     parser.add_argument("--host", default=os.environ.get("GRADIO_SERVER_NAME", "127.0.0.1"))
@@ -630,10 +658,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    model_id = resolve_model_id(args.model)
-    print(f"Loading {model_id} ...", flush=True)
+    model_id, asr_model = resolve_model_id(args.model), resolve_asr_model(args.asr_model)
+    print(f"Loading {model_id} (speech recognition, on first use: {asr_model}) ...", flush=True)
     try:
-        assistant = Assistant(*load_model(model_id, args.dtype), asr_model=args.asr_model, max_file_mb=args.max_file_mb)
+        assistant = Assistant(*load_model(model_id, args.dtype), asr_model=asr_model, max_file_mb=args.max_file_mb)
     except ModelLoadError as error:
         sys.exit(f"error: {error}")
     launch(build_demo(assistant), args.host, args.port, args.max_file_mb)

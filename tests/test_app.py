@@ -25,12 +25,14 @@ import torch
 
 from phi3mm.build import build_tiny_model, save_checkpoint
 from phi3mm.load_test import free_port, stop_app
+from phi3mm.real_parts import speak, whisper_base_path
 from space import app
 
 ROOT = Path(__file__).resolve().parents[1]
 SPACE = ROOT / "space"
 IMAGE = SPACE / "examples" / "red_circle.png"
 AUDIO = SPACE / "examples" / "three_beeps.wav"
+QUESTION = "What color is the shape?"  # asked aloud about IMAGE in the speech tests
 SCREENSHOT = ROOT / "outputs" / "screenshots" / "app.png"
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = [
@@ -78,6 +80,40 @@ def bad_files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     return files
 
 
+@pytest.fixture(scope="module")
+def spoken_question(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """QUESTION spoken by flite, a 16 kHz WAV named audio.wav as Gradio names microphone recordings."""
+    path = tmp_path_factory.mktemp("speech") / "audio.wav"
+    sf.write(path, speak(QUESTION, "flite"), 16_000, subtype="PCM_16")
+    return path
+
+
+@pytest.fixture(scope="module")
+def whisper_base() -> Path:
+    # The folder the app finds by itself (LOCAL_ASR_DIR under the repository root), fetched if missing.
+    return whisper_base_path(ROOT / app.LOCAL_ASR_DIR.parent)
+
+
+@pytest.fixture(scope="module")
+def whisper_assistant(assistant: app.Assistant, whisper_base: Path) -> app.Assistant:
+    """The test model with the real Whisper-base behind the transcription switch, loaded once here.
+
+    The app's own pipeline, built now rather than on first use; the command-line test covers loading
+    it on first use from the default location.
+    """
+    whisper = app.whisper_transcriber(str(whisper_base))
+    return app.Assistant(
+        assistant.model, assistant.processor, asr_model=str(whisper_base), transcriber=whisper, max_file_mb=MAX_FILE_MB
+    )
+
+
+@pytest.fixture()
+def server_transcribes(assistant: app.Assistant, whisper_assistant: app.Assistant, monkeypatch) -> None:
+    """The running app's assistant (whose ASR checkpoint is an empty folder) borrows the loaded Whisper-base."""
+    monkeypatch.setattr(assistant, "asr_model", whisper_assistant.asr_model)
+    monkeypatch.setattr(assistant, "transcriber", whisper_assistant.transcriber)
+    monkeypatch.setattr(assistant, "_asr_error", None)
+
 
 @pytest.fixture(scope="module")
 def server(assistant: app.Assistant):
@@ -113,6 +149,33 @@ def titled(reply, title: str) -> list[str]:
 def prompt_text(assistant: app.Assistant, inputs) -> str:
     text = assistant.processor.tokenizer.decode(inputs["input_ids"][0])
     return re.sub("(<image>)+", "<image>", re.sub("(<audio>)+", "<audio>", text))
+
+
+def words(text: str) -> str:
+    """Lower-case words only: a transcript and the typed question differ in case and punctuation."""
+    return " ".join(re.findall(r"[a-z0-9']+", text.lower()))
+
+
+def spy_on_prompts(assistant: app.Assistant, monkeypatch) -> list[tuple[list, app.Turn, object]]:
+    """Record what each request puts in front of the model: (earlier turns, new turn, model inputs)."""
+    seen = []
+    prepare = assistant.prepare_inputs
+
+    def spy(past, turn, max_new_tokens, system_prompt=""):
+        inputs, dropped = prepare(past, turn, max_new_tokens, system_prompt)
+        seen.append((past, turn, inputs))
+        return inputs, dropped
+
+    monkeypatch.setattr(assistant, "prepare_inputs", spy)
+    return seen
+
+
+def check_spoken_turn(assistant: app.Assistant, turn: app.Turn, inputs, transcript: str) -> None:
+    """The model was given the image and the transcript as the user's text, and no audio."""
+    assert sorted(app.file_kind(path) for path in turn.files) == ["audio", "image"], turn.files
+    assert turn.transcripts == [transcript]
+    assert f"<|user|>\n<image>\n{transcript}<|end|>" in prompt_text(assistant, inputs)
+    assert "input_features" not in inputs and inputs["pixel_values"].shape[0] == 1
 
 
 # ---- the handler, called directly ---------------------------------------------------------------
@@ -291,6 +354,25 @@ def test_unavailable_asr_gives_a_message_not_a_crash(assistant):
     assert answer_text(list(assistant.respond({"text": "", "files": [str(AUDIO)]}, [], **FAST))[-1]).strip()
 
 
+def test_spoken_question_is_transcribed_by_whisper_and_replaces_the_audio(
+    whisper_assistant, spoken_question, monkeypatch
+):
+    """The switch with the real Whisper-base: the transcript shows first, then the answer streams."""
+    seen = spy_on_prompts(whisper_assistant, monkeypatch)
+    torch.manual_seed(0)  # sampled, so the answer comes in several pieces (see the first test)
+    message = {"text": "", "files": [str(IMAGE), str(spoken_question)]}
+    replies = list(whisper_assistant.respond(message, [], 32, 1.0, transcribe_audio=True))
+    (transcript,) = titled(replies[0], app.TRANSCRIPT_TITLE)
+    assert replies[0] == [{"role": "assistant", "content": transcript, "metadata": {"title": app.TRANSCRIPT_TITLE}}]
+    assert words(QUESTION) in words(transcript), transcript
+    answers = [answer_text(reply) for reply in replies[1:]]
+    assert all(reply[0] == replies[0][0] for reply in replies[1:])  # the transcript stays above the answer
+    assert len(answers) >= 2 and all(b.startswith(a) and len(b) > len(a) for a, b in zip(answers, answers[1:]))
+    ((past, turn, inputs),) = seen
+    assert past == []
+    check_spoken_turn(whisper_assistant, turn, inputs, transcript)
+
+
 @pytest.mark.parametrize("expected", ["could not be used", "not an image or an audio file", "empty audio clip", "MB"])
 def test_bad_upload_gets_a_message_in_the_chat(assistant, bad_files, expected):
     path = bad_files[expected]
@@ -354,6 +436,24 @@ def test_model_id_resolution(monkeypatch, tmp_path):
     assert app.resolve_model_id("my/folder") == "my/folder"
 
 
+def test_asr_model_resolution(assistant, monkeypatch, tmp_path):
+    repo, elsewhere = tmp_path / "repo", tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    monkeypatch.delenv("ASR_MODEL", raising=False)
+    monkeypatch.setattr(app, "SPACE_DIR", repo / "space")  # a checkout at repo/, the app started from elsewhere
+    assert app.resolve_asr_model() == app.DEFAULT_ASR_MODEL == "openai/whisper-small"
+    local = repo / "outputs" / "real_parts" / "whisper_base"  # what `python -m phi3mm.real_parts` writes
+    local.mkdir(parents=True)
+    assert app.resolve_asr_model() == app.DEFAULT_ASR_MODEL  # an empty folder is not a checkpoint
+    (local / "config.json").write_text("{}")
+    assert Path(app.resolve_asr_model()) == local
+    assert Path(app.Assistant(assistant.model, assistant.processor).asr_model) == local  # the Assistant's default
+    monkeypatch.setenv("ASR_MODEL", "openai/whisper-base")
+    assert app.resolve_asr_model() == "openai/whisper-base"
+    assert app.resolve_asr_model("my/whisper") == "my/whisper"
+
+
 def test_space_folder_runs_alone_and_a_bad_model_is_one_clear_message(tmp_path):
     """The Space holds only space/: the app imports without the repo, and a bad --model is no traceback."""
     space = shutil.copytree(SPACE, tmp_path / "space", ignore=shutil.ignore_patterns("__pycache__"))
@@ -386,7 +486,8 @@ def test_space_metadata_and_pins():
         return dict(line.split("==") for line in lines if line)
 
     root, space = pins(ROOT / "requirements.txt"), pins(SPACE / "requirements.txt")
-    assert space == {k: v for k, v in root.items() if k not in ("pytest", "hypothesis", "playwright")}
+    not_for_the_space = ("pytest", "hypothesis", "playwright", "trl")  # tests and training only
+    assert space == {k: v for k, v in root.items() if k not in not_for_the_space}
     assert re.search(rf"^sdk_version: {re.escape(space['gradio'])}$", front, re.M)
     examples = [p for p in (SPACE / "examples").iterdir()]
     assert {p.suffix for p in examples} == {".png", ".wav"} and all(p.stat().st_size < 100_000 for p in examples)
@@ -395,17 +496,20 @@ def test_space_metadata_and_pins():
 # ---- the /chat endpoint through gradio_client ---------------------------------------------------
 
 
-def test_command_line_app_answers_a_message_only_call(checkpoint, tmp_path):
-    """The real command line, as a user starts it; /chat called with the message and nothing else."""
+def test_command_line_app_answers_a_message_only_call(checkpoint, whisper_base, spoken_question, tmp_path):
+    """The real command line, as a user starts it; /chat called with the message and nothing else. With no
+    --asr_model, the transcription switch uses the local Whisper-base, offline."""
     from gradio_client import Client, handle_file
 
     port = free_port()
-    with open(tmp_path / "app.log", "w+") as log:
+    # Offline for the Hub: ASR that looked there instead of in outputs/real_parts fails at once, not after retries.
+    env = {k: v for k, v in os.environ.items() if k != "ASR_MODEL"} | {"PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1"}
+    log_path = tmp_path / "app.log"  # read by name: seeking `log` would move the app's write offset too
+    with open(log_path, "w") as log:
         command = [sys.executable, str(SPACE / "app.py"), "--model", str(checkpoint), "--host", "127.0.0.1"]
         process = subprocess.Popen(
-            command + ["--port", str(port)],
-            cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"},
-        )  # fmt: skip
+            command + ["--port", str(port)], cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env=env
+        )
         try:
             deadline = time.monotonic() + 120
             while True:
@@ -413,29 +517,23 @@ def test_command_line_app_answers_a_message_only_call(checkpoint, tmp_path):
                     socket.create_connection(("127.0.0.1", port), timeout=1).close()
                     break
                 except OSError:
-                    log.seek(0)
-                    assert process.poll() is None, f"the app exited:\n{log.read()}"
-                    assert time.monotonic() < deadline, f"the app did not start in 120 s:\n{log.read()}"
+                    assert process.poll() is None, f"the app exited:\n{log_path.read_text()}"
+                    assert time.monotonic() < deadline, f"the app did not start in 120 s:\n{log_path.read_text()}"
                     time.sleep(0.25)
             client = Client(f"http://127.0.0.1:{port}/", verbose=False)
             message = {"text": "What color is the shape?", "files": [handle_file(str(IMAGE))]}
             reply = client.predict(message, api_name="/chat")
             assert isinstance(reply, str) and reply.strip()
+
+            spoken = {"text": "", "files": [handle_file(str(IMAGE)), handle_file(str(spoken_question))]}
+            reply = client.predict(spoken, api_name="/chat", max_new_tokens=8, transcribe_audio=True)
+            output = log_path.read_text()
+            assert f"speech recognition, on first use: {whisper_base})" in output
+            assert not titled(reply, app.ERROR_TITLE), (reply, output)
+            (transcript,) = titled(reply, app.TRANSCRIPT_TITLE)
+            assert words(QUESTION) in words(transcript) and answer_text(reply).strip()
         finally:
             stop_app(process)
-
-
-def spy_on_prompts(assistant: app.Assistant, monkeypatch) -> list[tuple[list, object]]:
-    """Record what each request puts in front of the model: (earlier turns, new turn)."""
-    seen = []
-    prepare = assistant.prepare_inputs
-
-    def spy(past, turn, max_new_tokens, system_prompt=""):
-        seen.append((past, turn))
-        return prepare(past, turn, max_new_tokens, system_prompt)
-
-    monkeypatch.setattr(assistant, "prepare_inputs", spy)
-    return seen
 
 
 def test_client_conversation_goes_back_to_the_model(client, assistant, monkeypatch):
@@ -445,7 +543,7 @@ def test_client_conversation_goes_back_to_the_model(client, assistant, monkeypat
     message = {"text": "What color is the shape?", "files": [handle_file(str(IMAGE))]}
     first = client.predict(message, api_name="/chat", **FAST)
     client.predict({"text": "And the shape?", "files": []}, api_name="/chat", **FAST)
-    past, turn = seen[-1]
+    past, turn, _ = seen[-1]
     assert turn.text == "And the shape?" and len(past) == 1
     assert Path(past[0].files[0]).name == IMAGE.name and past[0].answer == first
 
@@ -456,6 +554,29 @@ def test_client_streams(client):
     final = job.result(timeout=60)
     partials = [o for o in job.outputs() if o]
     assert final.strip() and len(partials) >= 2 and partials[-1] == final
+
+
+def test_client_spoken_question_is_transcribed(client, assistant, server_transcribes, spoken_question, monkeypatch):
+    """The transcription switch through /chat with the real Whisper-base.
+
+    A microphone recording reaches the server as an uploaded file named audio.wav in the message's
+    `files`, the same path as this WAV named audio.wav; the browser test records one for real.
+    """
+    from gradio_client import handle_file
+
+    seen = spy_on_prompts(assistant, monkeypatch)
+    message = {"text": "", "files": [handle_file(str(IMAGE)), handle_file(str(spoken_question))]}
+    job = client.submit(message, api_name="/chat", max_new_tokens=32, temperature=1.0, transcribe_audio=True)
+    final = job.result(timeout=120)
+    outputs = [o for o in job.outputs() if o]
+    (transcript,) = titled(outputs[0], app.TRANSCRIPT_TITLE)  # shown before the answer starts
+    assert not answer_text(outputs[0]) and words(QUESTION) in words(transcript), outputs[0]
+    answers = [answer_text(o) for o in outputs]
+    assert answer_text(final).strip() and len(set(answers) - {""}) >= 2, answers  # the answer streamed
+    assert titled(final, app.TRANSCRIPT_TITLE) == [transcript]
+    ((_, turn, inputs),) = seen
+    assert [Path(path).name for path in turn.files] == [IMAGE.name, "audio.wav"]
+    check_spoken_turn(assistant, turn, inputs, transcript)
 
 
 @pytest.mark.parametrize("files", [[AUDIO], []], ids=["audio", "text_only"])
@@ -501,44 +622,63 @@ def plain_words(text: str) -> list[str]:
     return re.sub(r"[*_~`#>|\\\[\]()]", "", text).split()
 
 
-def test_the_browser_test_carries_the_slow_marker():
-    """`-m "not slow"` must leave the browser test out; a marker on a helper does nothing."""
-    marks = [mark.name for mark in getattr(test_browser_upload_ask_and_see_the_answer_stream, "pytestmark", [])]
-    assert "slow" in marks
-    assert not hasattr(plain_words, "pytestmark")
+def open_chat(browser, server: str, transcribe: bool = False):
+    """The app's page, with short sampled answers (see the first test) and the transcription switch set."""
+    from playwright.sync_api import expect
+
+    page = browser.new_page(viewport={"width": 1280, "height": 900})
+    page.goto(server, timeout=60_000)
+    expect(chat_box(page)).to_have_attribute("placeholder", "Message the model…", timeout=30_000)
+    page.get_by_text("Generation settings").click()  # the settings live in this accordion
+    page.get_by_label("number input for Max new tokens").fill("32")
+    page.get_by_label("number input for Temperature").fill("1")
+    page.get_by_label("number input for Temperature").press("Tab")
+    page.get_by_label("Transcribe audio with Whisper first").set_checked(transcribe)
+    page.get_by_text("Generation settings").click()
+    # Record every text the last answer shows, to see it arrive in pieces (notes have a title: skipped).
+    page.evaluate("""(noteTitle) => {
+        window.answerTexts = [];
+        new MutationObserver(() => {
+            const bots = [...document.querySelectorAll('[data-testid="bot"]')].filter(
+                bot => !bot.innerText.includes(noteTitle));
+            const text = bots.length ? bots[bots.length - 1].innerText.trim() : "";
+            if (text && text !== window.answerTexts.at(-1)) window.answerTexts.push(text);
+        }).observe(document.body, {childList: true, subtree: true, characterData: true});
+    }""", app.TRANSCRIPT_TITLE)
+    return page
+
+
+def chat_box(page):
+    # The message box, not the system prompt's (also a "textbox"); its placeholder goes after the first message.
+    return page.locator(".multimodal-textbox").get_by_test_id("textbox")
+
+
+def require_chromium() -> None:
+    if not os.path.exists(CHROMIUM):
+        pytest.fail(f"{CHROMIUM} is missing: run `apt-get install -y chromium` (the project's test command does)")
+
+
+def test_the_browser_tests_carry_the_slow_marker():
+    """`-m "not slow"` must leave the browser tests out; a marker on a helper does nothing."""
+    for test in (
+        test_browser_upload_ask_and_see_the_answer_stream,
+        test_browser_spoken_question_through_the_microphone,
+    ):
+        assert "slow" in [mark.name for mark in getattr(test, "pytestmark", [])], test.__name__
+    assert not any(hasattr(helper, "pytestmark") for helper in (plain_words, open_chat, chat_box))
 
 
 @pytest.mark.slow
 def test_browser_upload_ask_and_see_the_answer_stream(server, assistant, monkeypatch):
-    if not os.path.exists(CHROMIUM):
-        pytest.fail(f"{CHROMIUM} is missing: run `apt-get install -y chromium` (the project's test command does)")
+    require_chromium()
     from playwright.sync_api import expect, sync_playwright
 
     seen = spy_on_prompts(assistant, monkeypatch)
     with sync_playwright() as playwright:
         browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
         try:
-            page = browser.new_page(viewport={"width": 1280, "height": 900})
-            page.goto(server, timeout=60_000)
-            textbox = page.get_by_test_id("textbox")  # its placeholder is gone after the first message
-            expect(textbox).to_have_attribute("placeholder", "Message the model…", timeout=30_000)
-
-            # Generation settings live in the accordion: short answers, sampled (see the first test).
-            page.get_by_text("Generation settings").click()
-            page.get_by_label("number input for Max new tokens").fill("32")
-            page.get_by_label("number input for Temperature").fill("1")
-            page.get_by_label("number input for Temperature").press("Tab")
-            page.get_by_text("Generation settings").click()
-
-            # Record every text the answer shows, to see it arrive in pieces.
-            page.evaluate("""() => {
-                window.answerTexts = [];
-                new MutationObserver(() => {
-                    const bots = document.querySelectorAll('[data-testid="bot"]');
-                    const text = bots.length ? bots[bots.length - 1].innerText.trim() : "";
-                    if (text && text !== window.answerTexts.at(-1)) window.answerTexts.push(text);
-                }).observe(document.body, {childList: true, subtree: true, characterData: true});
-            }""")
+            page = open_chat(browser, server)
+            textbox = chat_box(page)
             page.get_by_test_id("file-upload").set_input_files(str(IMAGE))
             expect(page.locator("img[src*='red_circle']").first).to_be_visible(timeout=15_000)  # the thumbnail
             textbox.fill("What color is the shape?")
@@ -558,7 +698,7 @@ def test_browser_upload_ask_and_see_the_answer_stream(server, assistant, monkeyp
             textbox.press("Enter")
             expect(page.get_by_test_id("bot")).to_have_count(2, timeout=60_000)
             expect(page.get_by_test_id("submit-button")).to_be_visible(timeout=60_000)
-            past, turn = seen[-1]
+            past, turn, _ = seen[-1]
             assert turn.text == "And what shape is it?" and len(past) == 1
             assert Path(past[0].files[0]).name == IMAGE.name and past[0].text == "What color is the shape?"
             # The chat renders answers as Markdown: a sampled "~" or "*" is markup there, not text.
@@ -571,3 +711,62 @@ def test_browser_upload_ask_and_see_the_answer_stream(server, assistant, monkeyp
             expect(page.get_by_test_id("bot")).to_have_count(0, timeout=10_000)
         finally:
             browser.close()
+
+
+@pytest.mark.slow
+def test_browser_spoken_question_through_the_microphone(
+    server, assistant, server_transcribes, spoken_question, tmp_path, monkeypatch
+):
+    """Attach the image, record the spoken question with the message box's microphone button (Chromium
+    plays a flite WAV as its microphone) and send both with the switch on: the transcript shows in the
+    chat, the model reads it in place of the audio, and an answer streams."""
+    require_chromium()
+    from playwright.sync_api import expect, sync_playwright
+
+    speech, rate = sf.read(spoken_question, dtype="float32")
+    silence = np.zeros(rate, np.float32)  # a second either side: the capture starts about when recording does
+    microphone = tmp_path / "microphone.wav"
+    sf.write(microphone, np.concatenate([silence, speech, silence]), rate, subtype="PCM_16")
+    fake_microphone = [
+        "--use-fake-ui-for-media-stream",  # grant the microphone without the permission prompt
+        "--use-fake-device-for-media-stream",
+        f"--use-file-for-fake-audio-capture={microphone}%noloop",  # played once, then silence
+    ]
+    seen = spy_on_prompts(assistant, monkeypatch)
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS + fake_microphone)
+        try:
+            page = open_chat(browser, server, transcribe=True)
+            page.get_by_test_id("file-upload").set_input_files(str(IMAGE))
+            expect(page.locator("img[src*='red_circle']").first).to_be_visible(timeout=15_000)
+            page.get_by_test_id("microphone-button").click()
+            page.get_by_role("button", name="Start recording").click()
+            page.wait_for_timeout(1000 * (len(silence) * 2 + len(speech)) / rate + 500)
+            page.get_by_role("button", name="Stop recording").click()
+            page.get_by_role("button", name="Attach audio").click()
+            page.get_by_test_id("submit-button").click()
+
+            shown = page.get_by_test_id("bot").filter(has_text=app.TRANSCRIPT_TITLE)
+            expect(shown).to_have_count(1, timeout=60_000)
+            expect(page.get_by_test_id("bot")).to_have_count(2, timeout=60_000)  # the transcript, then the answer
+            expect(page.get_by_test_id("submit-button")).to_be_visible(timeout=60_000)  # generation over
+            expect(page.get_by_test_id("user").filter(has=page.locator("img"))).to_have_count(1)
+            expect(page.get_by_test_id("user").filter(has=page.locator("audio"))).to_have_count(1)
+            assert words(QUESTION) in words(shown.inner_text()), shown.inner_text()
+            texts = page.evaluate("window.answerTexts")
+            assert texts and texts[-1] == page.get_by_test_id("bot").last.inner_text().strip()
+            assert len(texts) >= 2, f"the answer did not stream: {texts}"
+            page.screenshot(path=str(SCREENSHOT.with_name("app_microphone.png")), full_page=True)
+        finally:
+            browser.close()
+    ((_, turn, inputs),) = seen
+    assert [Path(path).name for path in turn.files] == [IMAGE.name, "audio.wav"]  # Gradio's name for recordings
+    check_spoken_turn(assistant, turn, inputs, turn.transcripts[0])
+    assert words(QUESTION) in words(turn.transcripts[0])
+
+
+def test_transcribing_silence_is_bounded_by_the_clip_length(whisper_assistant):
+    """On silence Whisper can repeat '. . .' to its 448-token limit (minutes on a CPU, holding the
+    model): the transcriber caps new tokens at about 8 per second of audio."""
+    text = whisper_assistant.transcriber(np.zeros(1_600, np.float32))  # 0.1 s of silence
+    assert len(text.split()) <= 16, text  # at most 16 tokens for 0.1 s, each at least one character

@@ -72,8 +72,8 @@ def test_labels_are_exactly_the_answers_and_their_end_tokens(processor):
     trained = item["labels"][item["labels"] != IGNORE_INDEX]
     assert processor.tokenizer.decode(trained) == f"{ANSWER_1}<|end|>{ANSWER_2}<|end|>"
     # The same tokens the processor gives the chat template's rendering at inference time.
-    prompt = processor.apply_chat_template(MESSAGES, tokenize=False)
-    prompt = prompt[: -len(processor.tokenizer.eos_token)]  # training sequences carry no trailing eos
+    prompt = processor.apply_chat_template(MESSAGES, tokenize=False)  # ends with the last <|end|>: eos is <|end|>
+    assert processor.tokenizer.eos_token == "<|end|>"
     assert processor(text=prompt, images=[shape_image()], audio=[tone(seconds=1.0)])["input_ids"][0].tolist() == ids
     assert item["pixel_values"].shape == (1, 3, 64, 64)  # the tiny CLIP's input size
     assert item["input_features"].shape == (1, 80, 3000)

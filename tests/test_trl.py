@@ -143,7 +143,7 @@ def test_answer_only_loss_learns_to_read_the_image(tmp_path, mode):
     leave out the question and every image token, and the model learns to name the colour."""
     if mode == "prompt_completion":
         trainer, model, processor = sft_trainer(tmp_path, colour_rows(48, prompt_completion=True), steps=20)
-        answer = "red.<|end|>\n<|endoftext|>"  # TRL's completion: the rest of the rendered conversation
+        answer = "red.<|end|>\n"  # TRL's completion: the rest of the rendered conversation (its eos is that <|end|>)
         batch = trainer.data_collator([dict(row) for row in colour_rows(1, prompt_completion=True)])
     else:
         trainer, model, processor = sft_trainer(tmp_path, colour_rows(48), steps=20, assistant_only_loss=True)
