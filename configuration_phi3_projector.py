@@ -54,17 +54,19 @@ class Phi3ProjectorConfig(PretrainedConfig):
     r"""
     Args:
         text_config: Phi-3 config of the language model (dict or config).
-        vision_config: CLIP vision config (dict or config); defaults to CLIP-L/336.
+        vision_config: CLIP, SigLIP or SigLIP2 vision config (dict or config); defaults to CLIP-L/336.
         audio_config: Whisper config whose encoder is the audio tower; `None` means no audio.
         image_token_id: id of the `<image>` placeholder that the processor expands.
         audio_token_id: id of the `<audio>` placeholder that the processor expands.
         vision_feature_layer: hidden layer of the vision tower whose patch features are used
             (-2, the penultimate layer, as LLaVA-1.5).
-        vision_feature_select_strategy: `"default"` drops the CLS token, `"full"` keeps it.
+        vision_feature_select_strategy: `"default"` drops CLIP's CLS token, `"full"` keeps it (SigLIP
+            has no CLS token: it takes `"full"`, every patch).
         projector_hidden_act: activation between the two linears of both projectors.
         multimodal_projector_bias: whether the projector linears have biases (LLaVA's layout).
         image_token_pooling: average-pool the patch grid by this factor per side before the
-            projector (1: 576 tokens at 336 px, 2: 144).
+            projector (1: 576 tokens at 336 px, 2: 144). A grid side it does not divide keeps its
+            edge: the last, partial blocks average the patches they hold (SigLIP's 27 x 27 -> 14 x 14).
         audio_stack_factor: Whisper encoder frames (50 per second) stacked into one audio token,
             so audio costs 50 / k tokens per second.
         component_models: the checkpoints the model was assembled from (`{"text", "vision", "audio"}`
@@ -137,11 +139,11 @@ class Phi3ProjectorConfig(PretrainedConfig):
         pooling = self.image_token_pooling
         if not isinstance(pooling, int) or pooling < 1:
             raise ValueError(f"image_token_pooling must be a positive int, got {pooling!r}")
-        if pooling > 1 and self.vision_feature_select_strategy != "default":
+        if pooling > 1 and self.vision_cls_tokens and self.vision_feature_select_strategy != "default":
             raise ValueError("image_token_pooling > 1 pools the patch grid, so it needs vision_feature_select_strategy='default'")
-        if self.patches_per_side % pooling:
+        if pooling > self.patches_per_side:
             raise ValueError(
-                f"image_token_pooling={pooling} must divide the patch grid side ({self.patches_per_side} = "
+                f"image_token_pooling={pooling} is larger than the patch grid side ({self.patches_per_side} = "
                 f"image_size {self.vision_config.image_size} / patch_size {self.vision_config.patch_size})"
             )
         if not isinstance(self.audio_real_length, bool):
@@ -167,10 +169,24 @@ class Phi3ProjectorConfig(PretrainedConfig):
         return self.vision_feature_layer % (self.vision_config.num_hidden_layers + 1)
 
     @property
+    def vision_cls_tokens(self) -> int:
+        """Tokens before the patches in the tower's output: CLIP's CLS; SigLIP has none."""
+        return 1 if self.vision_config.model_type == "clip_vision_model" else 0
+
+    @property
+    def vision_feature_tokens(self) -> int:
+        """Features per image as the tower gives them (before pooling): the patches, and CLIP's CLS
+        with strategy "full"."""
+        cls = self.vision_cls_tokens if self.vision_feature_select_strategy == "full" else 0
+        return self.patches_per_side**2 + cls
+
+    @property
     def image_seq_length(self) -> int:
         """Tokens one image takes in the language model's input."""
-        side = self.patches_per_side // self.image_token_pooling
-        return side * side + (1 if self.vision_feature_select_strategy == "full" else 0)
+        if self.image_token_pooling == 1:
+            return self.vision_feature_tokens
+        side = -(-self.patches_per_side // self.image_token_pooling)  # partial edge blocks count
+        return side * side
 
     @property
     def audio_tokens_per_window(self) -> int:

@@ -158,14 +158,14 @@ class Phi3ProjectorModel(Phi3ProjectorPreTrainedModel):
             )
         features = self._vision_hidden_state(pixel_values.to(dtype=self.vision_tower.dtype))
         if self.config.vision_feature_select_strategy == "default":
-            features = features[:, 1:]
+            features = features[:, self.config.vision_cls_tokens :]  # CLIP's CLS dropped; SigLIP has none
         return features
 
     @property
-    def _tower_is_clip(self) -> bool:
+    def _tower_kind(self) -> str:
         # From the config, not isinstance: PEFT's modules_to_save wraps the tower in a module that
         # is no CLIPVisionModel but hands attribute lookups (embeddings, encoder) to the trained copy.
-        return self.config.vision_config.model_type == "clip_vision_model"
+        return self.config.vision_config.model_type
 
     def _vision_hidden_state(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """The tower's hidden state at `vision_feature_layer`, running only the layers it depends on.
@@ -175,21 +175,25 @@ class Phi3ProjectorModel(Phi3ProjectorPreTrainedModel):
         the same tensor as `hidden_states[vision_feature_layer]` of a full forward.
         """
         tower, n_layers = self.vision_tower, self.config.vision_layers_used
-        if not self._tower_is_clip:  # another tower: its own forward, all layers
+        if self._tower_kind == "clip_vision_model":
+            hidden = tower.pre_layrnorm(tower.embeddings(pixel_values))
+        elif self._tower_kind == "siglip_vision_model":  # SigLIP and fixed-resolution SigLIP2
+            hidden = tower.embeddings(pixel_values)
+        else:  # another tower: its own forward, all layers
             return tower(pixel_values, output_hidden_states=True, return_dict=True).hidden_states[n_layers]
-        hidden = tower.pre_layrnorm(tower.embeddings(pixel_values))
         for layer in tower.encoder.layers[:n_layers]:
             hidden = layer(hidden, None)  # no attention mask: every patch sees every patch
         return hidden
 
     def unused_vision_modules(self) -> list[nn.Module]:
-        """Parts of the vision tower no feature depends on: the layers after `vision_feature_layer`
-        and CLIP's post-layernorm. They get no gradient, so training freezes them (DDP requires
-        every trainable parameter to receive one)."""
+        """Parts of the vision tower no feature depends on: the layers after `vision_feature_layer`,
+        the post-layernorm (and SigLIP's pooling head). They get no gradient, so training freezes
+        them (DDP requires every trainable parameter to receive one)."""
         tower = self.vision_tower
-        if not self._tower_is_clip:
+        if self._tower_kind not in ("clip_vision_model", "siglip_vision_model"):
             return []
-        return [*tower.encoder.layers[self.config.vision_layers_used :], tower.post_layernorm]
+        unused = [*tower.encoder.layers[self.config.vision_layers_used :], tower.post_layernorm]
+        return unused + ([tower.head] if getattr(tower, "head", None) is not None else [])
 
     def get_image_features(
         self, pixel_values: torch.Tensor | None = None, vision_features: torch.Tensor | None = None
@@ -200,7 +204,7 @@ class Phi3ProjectorModel(Phi3ProjectorPreTrainedModel):
         """
         if vision_features is None:
             vision_features = self.select_vision_features(pixel_values)
-        expected = self.config.image_seq_length * self.config.image_token_pooling**2
+        expected = self.config.vision_feature_tokens
         if vision_features.ndim != 3 or vision_features.shape[1] != expected:
             raise ValueError(
                 f"vision features must have shape (images, {expected}, {self.config.vision_config.hidden_size}), "
@@ -211,7 +215,9 @@ class Phi3ProjectorModel(Phi3ProjectorPreTrainedModel):
             images, patches, width = vision_features.shape
             side = self.config.patches_per_side
             grid = vision_features.transpose(1, 2).reshape(images, width, side, side)
-            grid = nn.functional.avg_pool2d(grid, pooling)
+            # ceil_mode: a grid side that pooling does not divide keeps its edge, each partial
+            # block averaged over the patches it holds (SigLIP's 27 x 27 -> 14 x 14)
+            grid = nn.functional.avg_pool2d(grid, pooling, ceil_mode=True)
             vision_features = grid.flatten(2).transpose(1, 2)
         projector_dtype = self.multi_modal_projector.linear_1.weight.dtype
         return self.multi_modal_projector(vision_features.to(projector_dtype))

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 from transformers import (
+    AutoConfig,
     AutoImageProcessor,
     AutoModelForCausalLM,
     AutoTokenizer,
@@ -27,6 +28,7 @@ from transformers import (
     Phi3Config,
     Phi3ForCausalLM,
     PreTrainedTokenizerFast,
+    SiglipVisionModel,
     WhisperConfig,
     WhisperFeatureExtractor,
     WhisperForConditionalGeneration,
@@ -65,8 +67,11 @@ def build_model_and_processor(
     """
     tokenizer = AutoTokenizer.from_pretrained(text_model)
     language_model = AutoModelForCausalLM.from_pretrained(text_model, dtype=dtype)
-    with _quiet_loading():  # a full CLIP checkpoint's text half is "unexpected" by design
-        vision_tower = CLIPVisionModel.from_pretrained(vision_model, dtype=dtype)
+    vision_class = _vision_tower_class(vision_model)
+    with _quiet_loading():  # a full CLIP / SigLIP checkpoint's text half is "unexpected" by design
+        vision_tower = vision_class.from_pretrained(vision_model, dtype=dtype)
+    if vision_class is SiglipVisionModel:  # no CLS token: every patch is a feature
+        config_options.setdefault("vision_feature_select_strategy", "full")
     image_processor = AutoImageProcessor.from_pretrained(vision_model)
     audio_tower = feature_extractor = None
     if audio_model is not None:
@@ -131,6 +136,23 @@ def build_model_and_processor(
         audio_max_frames=audio_tower.config.max_source_positions if audio_tower is not None else 1500,
     )
     return model, processor
+
+
+def _vision_tower_class(vision_model):
+    """CLIPVisionModel or SiglipVisionModel (SigLIP, and SigLIP2 at a fixed resolution), from the
+    checkpoint's config; a clear error for the others."""
+    model_type = AutoConfig.from_pretrained(vision_model).model_type
+    if model_type in ("clip", "clip_vision_model"):
+        return CLIPVisionModel
+    if model_type in ("siglip", "siglip_vision_model"):
+        return SiglipVisionModel
+    if model_type.startswith("siglip2"):
+        raise ValueError(
+            f"{vision_model} is a SigLIP2 NaFlex checkpoint (variable resolution and aspect ratio), which needs a "
+            "patch mask this model does not pass; use a fixed-resolution SigLIP2 checkpoint (such as "
+            "google/siglip2-so400m-patch14-384, which loads as SigLIP) or a SigLIP / CLIP one"
+        )
+    raise ValueError(f"{vision_model}: vision towers of type {model_type!r} are not supported (CLIP or SigLIP)")
 
 
 def _component_names(*names) -> dict[str, str | None]:

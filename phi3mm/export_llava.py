@@ -66,8 +66,11 @@ def check_exportable(config) -> None:
             f"{config.image_seq_length} image tokens before the projector), and LlavaForConditionalGeneration "
             "has no pooling step. Only models with image_token_pooling=1 can be exported."
         )
-    if config.vision_config.model_type != "clip_vision_model":
-        raise ExportError(f"expected a CLIP vision tower, got {config.vision_config.model_type!r}")
+    if config.vision_config.model_type not in ("clip_vision_model", "siglip_vision_model"):
+        raise ExportError(f"expected a CLIP or SigLIP vision tower, got {config.vision_config.model_type!r}")
+    if not config.vision_cls_tokens and config.vision_feature_select_strategy == "default":
+        # LLaVA's "default" drops the first token, which for a tower without CLS is a patch
+        raise ExportError("a SigLIP tower must use vision_feature_select_strategy='full' for LLaVA to compute the same")
     if not isinstance(config.vision_feature_layer, int):
         raise ExportError(f"vision_feature_layer must be one int, got {config.vision_feature_layer!r}")
 
@@ -118,7 +121,7 @@ def llava_config(config) -> LlavaConfig:
 
 
 def llava_processor(processor, config) -> LlavaProcessor:
-    """A LlavaProcessor with our tokenizer (with <image>), CLIP image processor and chat template."""
+    """A LlavaProcessor with our tokenizer (with <image>), image processor and chat template."""
     vision = config.vision_config
     image_processor, tokenizer = processor.image_processor, processor.tokenizer
     crop = getattr(image_processor, "crop_size", None) or {}
@@ -138,9 +141,10 @@ def llava_processor(processor, config) -> LlavaProcessor:
         vision_feature_select_strategy=config.vision_feature_select_strategy,
         chat_template=processor.chat_template,
         image_token=processor.image_token,
-        num_additional_image_tokens=1,  # CLIP's CLS token; "default" drops it again
+        num_additional_image_tokens=config.vision_cls_tokens,  # CLIP's CLS ("default" drops it again); SigLIP: 0
     )
-    n_tokens = (vision.image_size // vision.patch_size) ** 2 + 1 - (config.vision_feature_select_strategy == "default")
+    n_tokens = (vision.image_size // vision.patch_size) ** 2 + config.vision_cls_tokens
+    n_tokens -= config.vision_feature_select_strategy == "default"
     if n_tokens != config.image_seq_length or llava.image_token_id != config.image_token_id:
         raise ExportError(
             f"LlavaProcessor would give {n_tokens} tokens of id {llava.image_token_id} per image, the model expects "

@@ -60,8 +60,7 @@ def config_signature(config) -> dict:
 
 def feature_shape(config) -> list[int]:
     """(patches [+1 CLS with strategy "full"], vision width) of one image's features."""
-    full = config.vision_feature_select_strategy == "full"
-    return [config.patches_per_side**2 + full, config.vision_config.hidden_size]
+    return [config.vision_feature_tokens, config.vision_config.hidden_size]
 
 
 def _owner(model):

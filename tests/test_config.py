@@ -12,7 +12,8 @@ def test_defaults_are_llava_1_5():
 
 @pytest.mark.parametrize(
     "options, expected",
-    [({"image_token_pooling": 2}, 144), ({"image_token_pooling": 3}, 64), ({"vision_feature_select_strategy": "full"}, 577)],
+    [({"image_token_pooling": 2}, 144), ({"image_token_pooling": 3}, 64), ({"image_token_pooling": 5}, 25),
+     ({"vision_feature_select_strategy": "full"}, 577)],
 )
 def test_image_seq_length_is_derived(options, expected):
     assert Phi3ProjectorConfig(**options).image_seq_length == expected
@@ -28,7 +29,7 @@ def test_audio_tokens_follow_stack_factor():
     [
         ({"vision_feature_select_strategy": "cls"}, "vision_feature_select_strategy"),
         ({"vision_feature_layer": 30}, "vision_feature_layer"),
-        ({"image_token_pooling": 5}, "image_token_pooling"),
+        ({"image_token_pooling": 25}, "image_token_pooling"),  # more than the 24 x 24 grid's side
         ({"image_token_pooling": 0}, "image_token_pooling"),
         ({"image_token_pooling": 2, "vision_feature_select_strategy": "full"}, "image_token_pooling"),
         ({"audio_stack_factor": 0}, "audio_stack_factor"),

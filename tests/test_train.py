@@ -447,8 +447,8 @@ def test_image_token_pooling_flag_changes_a_composite_checkpoint_for_the_run_and
     assert saved["image_token_pooling"] == 2
     assert AutoProcessor.from_pretrained(out / "model", trust_remote_code=True).image_seq_length == 4
     assert json.loads((out / "model" / "processor_config.json").read_text())["image_seq_length"] == 4
-    with pytest.raises(ValueError, match="image_token_pooling"):  # 3 does not divide the 4 x 4 grid
-        run(*qlora_args(base, rank=8), *data_args(demo), "--output_dir", tmp_path / "bad", "--image_token_pooling", "3",
+    with pytest.raises(ValueError, match="image_token_pooling"):  # 5 is more than the 4 x 4 grid's side
+        run(*qlora_args(base, rank=8), *data_args(demo), "--output_dir", tmp_path / "bad", "--image_token_pooling", "5",
             "--max_steps", "1")  # fmt: skip
 
 
