@@ -462,10 +462,21 @@ class Phi3ProjectorForConditionalGeneration(Phi3ProjectorPreTrainedModel, Genera
         logits = self.lm_head(hidden_states[supervised]).float()
         return fixed_cross_entropy(logits, shift_labels[supervised], num_items_in_batch)
 
-    def prepare_inputs_for_generation(self, *args, is_first_iteration: bool = False, **kwargs):
+    def prepare_inputs_for_generation(self, input_ids, past_key_values=None, is_first_iteration: bool = False, **kwargs):
+        # LongRoPE (Phi-3.5: short factors up to 4096 positions, long ones past it) re-encodes every
+        # position with the long factors once the sequence passes the switch, so the keys cached
+        # with the short ones are stale: as Phi3ForCausalLM does, drop the cache at the first step
+        # past it and re-encode everything, media included (hence a first iteration again).
+        rope = getattr(self.config.text_config, "rope_parameters", None) or {}
+        switch = rope.get("original_max_position_embeddings") if rope.get("rope_type") == "longrope" else None
+        if switch and past_key_values is not None and input_ids.shape[1] > switch and past_key_values.get_seq_length() <= switch:
+            past_key_values, is_first_iteration = None, True
+            kwargs["next_sequence_length"] = None
+        model_inputs = super().prepare_inputs_for_generation(
+            input_ids, past_key_values=past_key_values, is_first_iteration=is_first_iteration, **kwargs
+        )
         # GenerationMixin already keeps pixel_values and input_features to the prefill; cached
         # vision features must follow them, since later steps carry no <image> tokens.
-        model_inputs = super().prepare_inputs_for_generation(*args, is_first_iteration=is_first_iteration, **kwargs)
         if not is_first_iteration and kwargs.get("use_cache", True):
             model_inputs.pop("vision_features", None)
         return model_inputs

@@ -122,7 +122,11 @@ def build_model_and_processor(
 
     end_id = tokenizer.convert_tokens_to_ids("<|end|>")
     model.generation_config = language_model.generation_config
-    model.generation_config.eos_token_id = sorted({end_id, text_eos_id})
+    # The language model's published stop ids (Phi-3.5: <|end|>, <|assistant|>, <|endoftext|>),
+    # with <|end|> and the end of text added where missing.
+    published = model.generation_config.eos_token_id
+    published = [published] if isinstance(published, int) else list(published or [])
+    model.generation_config.eos_token_id = [*published, *(i for i in (end_id, text_eos_id) if i not in published)]
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     # transformers' default max_length of 20 cuts answers off (with a warning) when a caller sets no length.
     model.generation_config.max_new_tokens = 512
@@ -240,6 +244,7 @@ def make_tiny_components(
     vocab_size: int | None = None,
     device: str | torch.device = "cpu",
     dtype: torch.dtype = torch.float32,
+    tokenizer: str | os.PathLike | None = None,
 ) -> dict[str, Path]:
     """Write a tiny Phi-3 LM + tokenizer, a tiny CLIP and a tiny Whisper to `out_dir/{text,vision,audio}`.
 
@@ -250,11 +255,13 @@ def make_tiny_components(
     The shape options (MLP widths default to twice the width, the vision tower to the LM's width
     and depth, `vocab_size` to the tokenizer's rows) let `phi3mm.bench` build its larger sizes up
     to Phi-3.5-mini + CLIP-L/336, initialised on `device` in `dtype` (a GPU initialises billions of
-    weights in seconds; bf16 halves the memory).
+    weights in seconds; bf16 halves the memory). `tokenizer` (a folder or hub id) replaces the
+    locally trained byte-level one, e.g. the real Phi-3.5 tokenizer of `phi3mm.real_parts`
+    (32,011 tokens: the embedding gets Phi-3.5's 32,064 rows).
     """
     out_dir = Path(out_dir)
     torch.manual_seed(seed)
-    tokenizer = build_tiny_tokenizer()
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer) if tokenizer is not None else build_tiny_tokenizer()
     n_tokens = len(tokenizer)
     if vocab_size is None:
         vocab_size = (n_tokens + 2 + 63) // 64 * 64 if spare_embedding_rows else n_tokens

@@ -48,6 +48,7 @@ class ModelArguments:
     tiny: bool = field(default=False, metadata={"help": "Build tiny random components offline (the demo, tests)."})
     tiny_hidden_size: int = field(default=64, metadata={"help": "Width of the tiny language model."})
     tiny_audio_window_seconds: int = field(default=30, metadata={"help": "Window of the tiny Whisper (30 as the real one)."})
+    tiny_tokenizer: str | None = field(default=None, metadata={"help": "Tokenizer of the tiny LM (folder or hub id; default: a small byte-level one). `real` takes Phi-3.5's from phi3mm.real_parts."})
     image_token_pooling: int | None = field(default=None, metadata={"help": "2 pools 576 image tokens to 144 (default: the checkpoint's, 1 for a new model); changes a composite checkpoint's setting for the run and the saved model."})
     audio_stack_factor: int = field(default=5, metadata={"help": "Encoder frames per audio token (50 / k tokens per second)."})
     stage: str = field(default="finetune", metadata={"help": "'pretrain': projectors only, LM frozen; 'finetune': LM adapter + projectors; 'audio_align': the audio projector by distillation from the text path (phi3mm.align)."})
@@ -99,6 +100,15 @@ def quantization_config(model_args: ModelArguments) -> BitsAndBytesConfig:
     )
 
 
+def tiny_tokenizer(name: str | None) -> str | None:
+    """`real` is the Phi-3.5 tokenizer `phi3mm.real_parts` writes (fetched if missing)."""
+    if name == "real":
+        from phi3mm.real_parts import phi35_tokenizer_path
+
+        return str(phi35_tokenizer_path())
+    return name
+
+
 def load_base(model_args: ModelArguments, output_dir: Path):
     """(model, processor, base folder): the composite checkpoint, or one assembled from components.
 
@@ -115,6 +125,7 @@ def load_base(model_args: ModelArguments, output_dir: Path):
                     output_dir / "components",
                     hidden_size=model_args.tiny_hidden_size,
                     audio_window_seconds=model_args.tiny_audio_window_seconds,
+                    tokenizer=tiny_tokenizer(model_args.tiny_tokenizer),
                     image_token_pooling=model_args.image_token_pooling or 1,
                     audio_stack_factor=model_args.audio_stack_factor,
                     with_audio=model_args.audio_model is not None,

@@ -9,8 +9,12 @@ from phi3mm.build import build_tiny_model
 
 @pytest.fixture(scope="session")
 def tiny(tmp_path_factory):
-    """(model, processor) in eval mode, fp32, eager-free defaults; shared, so tests must not train it."""
-    model, processor = build_tiny_model(tmp_path_factory.mktemp("tiny_components"))
+    """(model, processor) in eval mode, fp32, with the real Phi-3.5 tokenizer (the embedding has its
+    32,064 rows): masks, templates and placeholders are tested against what real runs tokenize.
+    Shared, so tests must not train it."""
+    from phi3mm.real_parts import phi35_tokenizer_path
+
+    model, processor = build_tiny_model(tmp_path_factory.mktemp("tiny_components"), tokenizer=phi35_tokenizer_path())
     return model.eval(), processor
 
 

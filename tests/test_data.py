@@ -33,64 +33,55 @@ def processor(tiny):
     return tiny[1]
 
 
-def expected_pieces(processor) -> list[tuple[list[int], bool]]:
-    """(token ids, trained?) for each piece of MESSAGES, in order, tokenized as the chat template joins them."""
-    tokenizer = processor.tokenizer
-    tok = tokenizer.convert_tokens_to_ids
-
-    def text(s: str) -> list[int]:
-        return tokenizer.encode(s, add_special_tokens=False)
-
-    assert processor.image_seq_length == 16 and processor.audio_token_count(16_000) == AUDIO_TOKENS_1S
-    end, newline = [tok("<|end|>")], text("\n")
-    return [
-        ([tok("<|system|>")] + text("\n" + SYSTEM) + end + newline, False),
-        ([tok("<|user|>")] + newline + [tok("<image>")] * 16 + text("\n" + QUESTION_1) + end + newline, False),
-        ([tok("<|assistant|>")] + newline, False),
-        (text(ANSWER_1) + end, True),  # the answer and its closing <|end|>
-        (newline, False),  # the newline after <|end|> is not the model's to say
-        ([tok("<|user|>")] + newline + [tok("<audio>")] * AUDIO_TOKENS_1S + text("\n" + QUESTION_2) + end + newline,
-         False),
-        ([tok("<|assistant|>")] + newline, False),
-        (text(ANSWER_2) + end, True),
-        (newline, False),
-    ]
-
-
-def flatten(pieces) -> tuple[list[int], list[int]]:
-    ids = [i for piece, _ in pieces for i in piece]
-    labels = [i if trained else IGNORE_INDEX for piece, trained in pieces for i in piece]
-    return ids, labels
+def answer_blocks(ids: list[int], labels: list[int]) -> list[list[int]]:
+    """The runs of consecutive trained tokens."""
+    blocks, current = [], []
+    for token, label in zip(ids, labels):
+        if label != IGNORE_INDEX:
+            assert label == token, "a label must be the token at its own position (shifted once, in the model)"
+            current.append(token)
+        elif current:
+            blocks.append(current)
+            current = []
+    return blocks + ([current] if current else [])
 
 
 def test_labels_are_exactly_the_answers_and_their_end_tokens(processor):
+    """With the real Phi-3.5 tokenizer (its role tokens swallow the newline after them, and a word
+    after a special token has no leading space piece): the training ids are the inference ids of
+    the same conversation, and the trained tokens are each answer and its <|end|>, right after an
+    <|assistant|>, nothing else."""
     image, clip = Image.fromarray(shape_image()), tone(seconds=1.0)
     item = encode_conversation(processor, MESSAGES, [image], [clip], max_length=2048)
-    ids, labels = flatten(expected_pieces(processor))
-    assert item["input_ids"].tolist() == ids
-    assert item["labels"].tolist() == labels
-    trained = item["labels"][item["labels"] != IGNORE_INDEX]
-    assert processor.tokenizer.decode(trained) == f"{ANSWER_1}<|end|>{ANSWER_2}<|end|>"
+    ids, labels = item["input_ids"].tolist(), item["labels"].tolist()
     # The same tokens the processor gives the chat template's rendering at inference time.
     prompt = processor.apply_chat_template(MESSAGES, tokenize=False)  # ends with the last <|end|>: eos is <|end|>
-    assert processor.tokenizer.eos_token == "<|end|>"
+    assert processor.tokenizer.eos_token == "<|end|>" and prompt.endswith("low.<|end|>\n")
     assert processor(text=prompt, images=[shape_image()], audio=[tone(seconds=1.0)])["input_ids"][0].tolist() == ids
+    tok = processor.tokenizer.convert_tokens_to_ids
+    blocks = answer_blocks(ids, labels)
+    assert [processor.tokenizer.decode(block) for block in blocks] == [f"{ANSWER_1}<|end|>", f"{ANSWER_2}<|end|>"]
+    for block in blocks:
+        start = next(i for i in range(len(ids)) if ids[i : i + len(block)] == block)
+        assert ids[start - 1] == tok("<|assistant|>") and block[-1] == tok("<|end|>")
+    assert ids.count(processor.image_token_id) == 16 and ids.count(processor.audio_token_id) == AUDIO_TOKENS_1S
+    assert ids[0] == tok("<|system|>")  # no BOS: Phi-3.5's tokenizer adds none
     assert item["pixel_values"].shape == (1, 3, 64, 64)  # the tiny CLIP's input size
     assert item["input_features"].shape == (1, 80, 3000)
     assert item["input_features_mask"].sum().item() == 100  # 1 s of 10 ms mel frames
 
 
 def test_truncation_drops_the_second_turn_whole_with_its_audio(processor):
-    pieces = expected_pieces(processor)
-    first_turn = sum(len(piece) for piece, _ in pieces[:5])
-    full = sum(len(piece) for piece, _ in pieces)
+    first_turn = processor(text=processor.apply_chat_template(MESSAGES[:3], tokenize=False), images=[shape_image()])
+    n_first = first_turn["input_ids"].shape[1]
+    full = encode_conversation(processor, MESSAGES, [Image.fromarray(shape_image())], [tone(seconds=1.0)], 2048)
     # Room for the first turn and a few audio tokens of the second, never the whole second turn.
     item = encode_conversation(
-        processor, MESSAGES, [Image.fromarray(shape_image())], [tone(seconds=1.0)], max_length=first_turn + 5
+        processor, MESSAGES, [Image.fromarray(shape_image())], [tone(seconds=1.0)], max_length=n_first + 5
     )
-    ids, labels = flatten(pieces[:5])
-    assert first_turn + 5 < full
-    assert item["input_ids"].tolist() == ids and item["labels"].tolist() == labels
+    assert n_first + 5 < len(full["input_ids"])
+    assert item["input_ids"].tolist() == first_turn["input_ids"][0].tolist()
+    assert torch.equal(item["labels"], full["labels"][:n_first])
     assert processor.audio_token_id not in item["input_ids"].tolist()
     assert "input_features" not in item and "input_features_mask" not in item
     assert item["pixel_values"].shape[0] == 1
@@ -359,3 +350,32 @@ def test_asr_style_datasets_with_audio_columns_are_read_without_torchcodec(proce
     from processing_multimodal import load_audio
 
     assert len(load_audio(row["audio"])) == 8000
+
+
+def test_llava_instruct_rows_train_exactly_their_answers_with_the_real_tokenizer(processor, media):
+    """System turn, several turns, <image> after the text, audio in a later turn: every answer and
+    its <|end|> is trained, nothing else, and the ids are what inference tokenizes."""
+    answers = ["It is red.", "Yes, on the left side.", "A low tone, about 300 Hz."]
+    rows = [{
+        "id": "multi", "image": "a.png", "audio": "t.wav",
+        "conversations": [
+            {"from": "system", "value": "You answer briefly."},
+            {"from": "human", "value": "What color is the shape?\n<image>"},
+            {"from": "gpt", "value": answers[0]},
+            {"from": "human", "value": "Is it on the left?"},
+            {"from": "gpt", "value": answers[1]},
+            {"from": "human", "value": "<audio>\nAnd this sound?"},
+            {"from": "gpt", "value": answers[2]},
+        ],
+    }]  # fmt: skip
+    dataset = LlavaDataset(rows, processor, media, media)
+    item = dataset[0]
+    ids, labels = item["input_ids"].tolist(), item["labels"].tolist()
+    decoded = [processor.tokenizer.decode(block) for block in answer_blocks(ids, labels)]
+    assert decoded == [f"{answer}<|end|>" for answer in answers]
+    messages = row_messages(rows[0])
+    prompt = processor.apply_chat_template(messages, tokenize=False)
+    from processing_multimodal import load_audio
+
+    again = processor(text=prompt, images=[media / "a.png"], audio=[load_audio(media / "t.wav")])
+    assert again["input_ids"][0].tolist() == ids and dataset.lengths == [len(ids)]

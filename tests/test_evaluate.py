@@ -10,6 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
+from phi3mm.real_parts import phi35_tokenizer_path
 from phi3mm.build import build_tiny_model, save_checkpoint
 from phi3mm.demo_data import make_demo_dataset
 from phi3mm.evaluate import evaluate, main
@@ -17,7 +18,7 @@ from phi3mm.evaluate import evaluate, main
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory: pytest.TempPathFactory):
-    model, processor = build_tiny_model(tmp_path_factory.mktemp("components"))
+    model, processor = build_tiny_model(tmp_path_factory.mktemp("components"), tokenizer=phi35_tokenizer_path())
     return model.eval(), processor
 
 
@@ -99,7 +100,8 @@ def test_last_gpt_turn_is_the_reference_given_earlier_turns(tiny):
     model = ScriptedModel(processor, {"second question": "two"})
     result = evaluate(model, processor, [row], progress=False)
     prompt = processor.tokenizer.decode(model.calls[0]["input_ids"][0], skip_special_tokens=False)
-    assert "first question" in prompt and "one<|end|>" in prompt and prompt.endswith("<|assistant|>\n")
+    # Phi-3.5's role tokens swallow the newline after them, so the decoded ids show none there
+    assert "first question" in prompt and "one<|end|>" in prompt and prompt.endswith("<|assistant|>")
     assert result["overall"]["score"] == 1.0 and result["predictions"][0]["reference"] == "two"
 
 

@@ -15,6 +15,7 @@ from safetensors import safe_open
 from transformers import AutoModelForCausalLM, AutoProcessor, LlavaForConditionalGeneration, LlavaProcessor
 
 from phi3mm import export_llava
+from phi3mm.real_parts import phi35_tokenizer_path
 from phi3mm.build import build_tiny_model, save_checkpoint
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -25,7 +26,8 @@ MESSAGES = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "te
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, str]:
     tmp = tmp_path_factory.mktemp("export")
-    model, processor = build_tiny_model(tmp / "c")  # with the audio branch, which the export drops
+    # with the audio branch, which the export drops, and the real Phi-3.5 tokenizer LlavaProcessor must carry
+    model, processor = build_tiny_model(tmp / "c", tokenizer=phi35_tokenizer_path())
     src = save_checkpoint(model, processor, tmp / "ours")
     lines = []
     dst = export_llava.export_llava(src, tmp / "llava", log=lines.append)

@@ -22,13 +22,14 @@ from transformers import (
 )
 
 from conftest import shape_image, tone
+from phi3mm.real_parts import phi35_tokenizer_path
 from phi3mm.build import build_tiny_model, save_checkpoint
 
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
     work = tmp_path_factory.mktemp("lmms")
-    model, processor = build_tiny_model(work / "components")
+    model, processor = build_tiny_model(work / "components", tokenizer=phi35_tokenizer_path())
     return str(save_checkpoint(model, processor, work / "checkpoint"))
 
 
