@@ -3,9 +3,10 @@
     python -m phi3mm.demo                 # what `make demo` runs: outputs/demo/{model,eval.json}
     python -m phi3mm.demo --quick         # a smaller, faster run (tests)
 
-Everything is offline and on the CPU: a tiny random Phi-3 / CLIP / Whisper model is built from
-local configs, the data set is written in LLaVA format (PNG, WAV), and the same `train_trainer`
-code a real run uses trains stage 1 (projectors) and stage 2 (QLoRA + projectors). The held-out
+Everything is offline and on the CPU: a tiny random Phi-3 / CLIP / Whisper model, with the real
+Phi-3.5 tokenizer (fetched by `python -m phi3mm.real_parts`), is built from local configs, the
+data set is written in LLaVA format (PNG, WAV), and the same `phi3mm.training` code a real run
+uses trains stage 1 (projectors) and stage 2 (QLoRA + projectors). The held-out
 split, the same split with blank media (which must fall to about chance), and an independently
 drawn set are evaluated with `phi3mm.evaluate`.
 """
@@ -80,6 +81,7 @@ def run_demo(out_dir: str | Path = "outputs/demo", quick: bool = False, seed: in
             tiny=True,
             tiny_hidden_size=settings["hidden_size"],
             tiny_audio_window_seconds=2,  # the clips are under 2 s: no need to encode 28 s of padding
+            tiny_tokenizer="real",  # Phi-3.5's own tokenizer (phi3mm.real_parts): 32,064 embedding rows
             stage="pretrain",
         ),
         DataArguments(data_path=str(data["train"]), max_length=512, **folders),
