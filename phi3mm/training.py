@@ -9,6 +9,7 @@ the other way round.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -21,14 +22,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from accelerate.state import PartialState
+from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
 from transformers import BitsAndBytesConfig, Trainer, TrainingArguments
+from transformers.integrations import is_deepspeed_zero3_enabled
 from transformers.trainer_pt_utils import LengthGroupedSampler
 from transformers.trainer_utils import set_seed
 from transformers.training_args import ParallelMode
 
 from modeling_phi3_projector import Phi3ProjectorForConditionalGeneration
 from phi3mm.build import build_model_and_processor, build_tiny_model, save_checkpoint
-from phi3mm.data import DECODE_REASONS, LlavaDataset, MultimodalCollator, read_rows
+from phi3mm.data import DECODE_REASONS, LlavaDataset, MultimodalCollator, read_rows, row_media
 from processing_multimodal import MultimodalProcessor
 
 logger = logging.getLogger(__name__)
@@ -95,6 +99,10 @@ def quantization_config(model_args: ModelArguments) -> BitsAndBytesConfig:
         bnb_4bit_quant_type="nf4",
         bnb_4bit_use_double_quant=True,
         bnb_4bit_compute_dtype=getattr(torch, model_args.bnb_compute_dtype),
+        # The dtype of the tensors the 4-bit weights are packed into (uint8 by default). FSDP shards float tensors
+        # only: accelerate leaves uint8 ones whole on every process. Stored in the compute dtype, as PEFT's
+        # FSDP-QLoRA guide does, they are sharded like the rest (configs/accelerate/README.md).
+        bnb_4bit_quant_storage=getattr(torch, model_args.bnb_compute_dtype),
         # Matched from the start of the module name (transformers 5), hence the "model." prefix.
         llm_int8_skip_modules=[f"model.{name}" for name in ("vision_tower", "audio_tower", *PROJECTORS)] + ["lm_head"],
     )
@@ -197,8 +205,8 @@ def prepare_for_training(model, model_args: ModelArguments, training_args: Train
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     for module in getattr(base.model, "unused_vision_modules", list)():
         module.requires_grad_(False)
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    total = sum(p.numel() for p in model.parameters())
+    trainable = sum(full_numel(p) for p in model.parameters() if p.requires_grad)
+    total = sum(full_numel(p) for p in model.parameters())
     print(f"trainable params: {trainable:,} || all params: {total:,} || trainable%: {100 * trainable / total:.4f}")
     return model
 
@@ -229,9 +237,14 @@ def prepare_for_audio_alignment(model, model_args: ModelArguments, training_args
         model.model.audio_projector.requires_grad_(True)
         if model_args.train_audio_tower:
             model.model.audio_tower.requires_grad_(True)
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    print(f"trainable params: {trainable:,} || all params: {sum(p.numel() for p in model.parameters()):,}")
+    trainable = sum(full_numel(p) for p in model.parameters() if p.requires_grad)
+    print(f"trainable params: {trainable:,} || all params: {sum(full_numel(p) for p in model.parameters()):,}")
     return model
+
+
+def full_numel(param: torch.nn.Parameter) -> int:
+    """Elements of the whole parameter (ZeRO-3 leaves only a partition, often empty, in `param`)."""
+    return getattr(param, "ds_numel", param.numel())
 
 
 def save_aligned(trained, base: str, processor, out_dir: Path, dtype) -> None:
@@ -319,6 +332,31 @@ class MultimodalTrainer(Trainer):
         super().__init__(*args, **kwargs)
         self.projector_lr = projector_lr
         self.align_loss, self.align_temperature = align_loss, align_temperature
+
+    def create_accelerator_and_postprocess(self) -> None:
+        super().create_accelerator_and_postprocess()
+        state = self.accelerator.state
+        if state.distributed_type == DistributedType.MULTI_CPU and os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true":
+            # accelerate turns FSDP on only for GPU-like devices: with --use_cpu it would quietly run DDP.
+            # torch's fully_shard shards CPU tensors over gloo, so switch this run's state to FSDP
+            # (PartialState too: every later AcceleratorState() copies its distributed_type back).
+            plugin = FullyShardedDataParallelPlugin(**(self.args.fsdp_plugin_args or {}))
+            if state.mixed_precision != "no":
+                plugin.set_mixed_precision(state.mixed_precision)
+            state.fsdp_plugin = plugin
+            state.distributed_type = PartialState._shared_state["distributed_type"] = DistributedType.FSDP
+            self.is_fsdp_enabled = True
+
+    def _prepare_for_training(self, *args, **kwargs):
+        model, dataloader = super()._prepare_for_training(*args, **kwargs)
+        from torch.distributed.fsdp import FSDPModule
+
+        if isinstance(model, FSDPModule):
+            # A batch without images (or audio) leaves a projector without a gradient on one process
+            # while another has one: FSDP2 reduce-scatters zeros for it, or the processes' collectives
+            # would differ (DDP's find_unused_parameters, for shards).
+            model.set_reduce_scatter_unused_params(True)
+        return model, dataloader
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         if self.align_loss == "kl":  # the audio alignment stage: the student's KL to the teacher
@@ -423,11 +461,15 @@ def peak_memory_mb() -> float:
 
 
 @torch.no_grad()
-def compare_logits(reference, candidate, batches: list[dict]) -> dict:
-    """How far the merged model's logits are from the trained (4-bit + LoRA) model's."""
+def logits_of(model, batches: list[dict]) -> list[torch.Tensor]:
+    return [model(**batch).logits.float() for batch in batches]
+
+
+@torch.no_grad()
+def compare_logits(reference: list[torch.Tensor], candidate, batches: list[dict]) -> dict:
+    """How far the merged model's logits are from the trained (4-bit + LoRA) model's (`reference`)."""
     max_diff, mean_diffs, agree = 0.0, [], []
-    for batch in batches:
-        a = reference(**batch).logits.float()
+    for a, batch in zip(reference, batches):
         b = candidate(**batch).logits.float()
         mask = batch["attention_mask"].bool()
         diff = (a - b).abs()[mask]
@@ -473,8 +515,14 @@ def copy_dequantized_weights(target, trained) -> int:
     return len(linears)
 
 
-def merge_and_save(trained, base: str, adapter_dir: Path, processor, out_dir: Path, samples: list[dict], dtype):
-    """Dequantize the trained base into full precision, merge the adapter, compare, save. Returns the report."""
+def merge_and_save(trained, base: str, adapter_dir: Path, processor, out_dir: Path, samples: list[dict], dtype,
+                   trained_logits: list[torch.Tensor] | None = None):  # fmt: skip
+    """Dequantize the trained base into full precision, merge the adapter, compare, save. Returns the report.
+
+    `trained_logits`: the trained model's logits on `samples`, when it is sharded over processes
+    (FSDP / ZeRO-3) and this one cannot run it alone; `trained` is then its copy from the gathered
+    adapter (see `gathered_model`).
+    """
     from peft import PeftModel
 
     full = Phi3ProjectorForConditionalGeneration.from_pretrained(base, dtype=dtype, use_safetensors=True)
@@ -482,29 +530,129 @@ def merge_and_save(trained, base: str, adapter_dir: Path, processor, out_dir: Pa
     dequantized = copy_dequantized_weights(full, trained)
     merged = PeftModel.from_pretrained(full, adapter_dir).merge_and_unload()
     merged.eval()
-    trained.eval()
-    use_compute_dtype_on_cpu(trained)
-    report = {**compare_logits(trained, merged, samples), "dequantized_linears": dequantized}
+    if trained_logits is None:
+        trained.eval()
+        use_compute_dtype_on_cpu(trained)
+        trained_logits = logits_of(trained, samples)
+    report = {**compare_logits(trained_logits, merged, samples), "dequantized_linears": dequantized}
     save_checkpoint(merged, processor, out_dir)
     return report
+
+
+def sharding_report(trainer: Trainer) -> dict:
+    """How this process holds the trained weights: with FSDP2 they are DTensors, with ZeRO-3
+    partitioned parameters; `local_fraction` is the share of all elements this process stores."""
+    from torch.distributed.tensor import DTensor
+
+    params = list(trainer.model.parameters())
+    local = full = sharded = 0
+    for param in params:
+        if isinstance(param, DTensor):
+            sharded, local = sharded + 1, local + param.to_local().numel()
+        elif hasattr(param, "ds_tensor"):
+            sharded, local = sharded + 1, local + param.ds_tensor.numel()
+        else:
+            local += param.numel()
+        full += full_numel(param)
+    return {"distributed_type": trainer.accelerator.distributed_type.value, "sharded_parameters": sharded,
+            "parameters": len(params), "local_fraction": round(local / full, 4)}  # fmt: skip
+
+
+def is_sharded(trainer: Trainer) -> bool:
+    """Whether the trained weights are split over the processes, so that no one process can run the model."""
+    plugin = getattr(trainer.accelerator.state, "deepspeed_plugin", None)
+    return trainer.is_fsdp_enabled or (plugin is not None and plugin.zero_stage == 3)
+
+
+def gathered_model(trainer: Trainer, base: str, adapter_dir: Path, quantization: BitsAndBytesConfig | None):
+    """The trained model whole, on the main process (None on the others), from a sharded run.
+
+    Every process must call it: the weights are gathered from all of them. With an adapter, it is
+    the base loaded as the run loaded it (4-bit for QLoRA: the same NF4 weights, which the merge
+    dequantizes) with the adapter that `Trainer.save_model` gathered and saved.
+    """
+    unwrapped = trainer.accelerator.unwrap_model(trainer.model)
+    state_dict = None if hasattr(unwrapped, "peft_config") else trainer.accelerator.get_state_dict(trainer.model_wrapped)
+    if not trainer.is_world_process_zero():
+        return None
+    with unsharded_loading(trainer):
+        model = Phi3ProjectorForConditionalGeneration.from_pretrained(
+            base, quantization_config=quantization, dtype=torch.float32, use_safetensors=True
+        )
+        model.config.image_token_pooling = unwrapped.config.image_token_pooling  # as the run set it
+        if state_dict is None:
+            from peft import PeftModel
+
+            return PeftModel.from_pretrained(model, adapter_dir)
+        model.load_state_dict(state_dict)
+        return model
+
+
+@contextlib.contextmanager
+def unsharded_loading(trainer: Trainer):
+    """A context in which from_pretrained builds an ordinary model: under ZeRO-3 transformers builds
+    every model partitioned, a collective that the other processes would never join."""
+    plugin = getattr(trainer.accelerator.state, "deepspeed_plugin", None)
+    if plugin is None or not is_deepspeed_zero3_enabled():
+        yield
+        return
+    from transformers.integrations import unset_hf_deepspeed_config
+
+    unset_hf_deepspeed_config()  # (accelerate's zero3_init_context_manager leaves ZeRO-3 on in transformers)
+    try:
+        yield
+    finally:
+        plugin.set_deepspeed_weakref()
+
+
+def check_media_for_zero3(rows: list[dict]) -> None:
+    """ZeRO-3 gathers a tower's weights when the tower runs, from every process at once: a step in
+    which one process's batch has audio (or images, or neither) and another's has not is a mismatch
+    of collectives that kills the run. Refused up front: every row must carry the same media."""
+    kinds = Counter(tuple(kind for kind in ("image", "audio") if row_media(row, kind, None)) for row in rows)
+    if len(kinds) > 1:
+        mix = ", ".join(f"{n} rows with {' + '.join(kind) or 'text only'}" for kind, n in sorted(kinds.items()))
+        raise ValueError(
+            f"DeepSpeed ZeRO-3 runs only data sets whose rows all carry the same media, because each process "
+            f"gathers a tower's weights only when its batch uses that tower; this one mixes {mix}. Use "
+            f"configs/accelerate/fsdp.yaml (FSDP2 keeps the towers in the root unit) or ddp.yaml, or split the data"
+        )
 
 
 def train(model_args: ModelArguments, data_args: DataArguments, training_args: TrainingArguments) -> dict:
     """One training stage end to end; returns the run summary (also written to OUTPUT_DIR)."""
     launched = int(os.environ.get("WORLD_SIZE", "1"))
+    deepspeed = os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
+    if deepspeed and training_args.use_cpu:
+        # accelerate turns DeepSpeed off under --use_cpu while transformers still builds the model
+        # ZeRO-3-partitioned: DDP over partitioned weights.
+        raise ValueError(
+            "DeepSpeed does not run with --use_cpu true (accelerate turns it off): to run it on CPUs drop "
+            "--use_cpu and add --ddp_backend gloo (DeepSpeed's CPU accelerator over a gloo process group)"
+        )
+    on_cpus = "add --ddp_backend gloo (not --use_cpu) to run DeepSpeed" if deepspeed else "add --use_cpu true to train"
     if launched > 1 and (training_args.world_size != launched or training_args.parallel_mode != ParallelMode.DISTRIBUTED):
         # torchrun / accelerate launch without GPUs: accelerate only goes multi-CPU when told to,
         # otherwise every process silently trains its own unsynchronised copy into one folder.
         raise ValueError(
             f"{launched} processes were launched but they are not one distributed run (world size "
-            f"{training_args.world_size}): add --use_cpu true to train on CPUs"
+            f"{training_args.world_size}): {on_cpus} on CPUs"
+        )
+    if is_deepspeed_zero3_enabled() and not model_args.model_name_or_path:
+        raise ValueError(
+            "DeepSpeed ZeRO-3 with zero3_init_flag builds every model partitioned over all processes at once, so one "
+            "process cannot assemble the base alone: save it first (python -m phi3mm.build OUT for a tiny one, or a "
+            "stage-1 run's OUT/model) and pass --model_name_or_path"
         )
     set_seed(training_args.seed)  # the LoRA init happens before Trainer seeds anything
     output_dir = Path(training_args.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     training_args.remove_unused_columns = False  # the collator's media keys are not in any dataset column
     training_args.label_names = ["labels"]
-    with training_args.main_process_first(desc="assembling the base model"):  # one process writes output_dir/base
+    # One process assembles output_dir/base while the others wait; a saved checkpoint all load at once
+    # (under ZeRO-3 loading is itself a collective that leaves each process its partition).
+    assembling = training_args.main_process_first(desc="assembling the base model")
+    with contextlib.nullcontext() if model_args.model_name_or_path else assembling:
         model, processor, base = load_base(model_args, output_dir)
     model.config.use_cache = False
     model = prepare_for_training(model, model_args, training_args)
@@ -554,6 +702,8 @@ def train(model_args: ModelArguments, data_args: DataArguments, training_args: T
         align_loss=data_args.align_loss if model_args.stage == "audio_align" else None,
         align_temperature=data_args.align_temperature,
     )
+    if trainer.is_deepspeed_enabled and is_sharded(trainer) and training_args.world_size > 1:
+        check_media_for_zero3(dataset.rows)
     resume = resolve_resume(training_args.resume_from_checkpoint, output_dir)
     start = time.perf_counter()
     result = trainer.train(resume_from_checkpoint=resume)
@@ -580,30 +730,44 @@ def train(model_args: ModelArguments, data_args: DataArguments, training_args: T
         "skipped_rows": dict(skipped),
         "skipped_total": sum(skipped.values()),
         "world_size": training_args.world_size,
+        "sharding": sharding_report(trainer),
     }
+    adapter_dir = output_dir / "adapter"
     if hasattr(model, "peft_config"):
         # Every process: under FSDP / ZeRO-3 Trainer.save_model gathers the sharded adapter first.
-        trainer.save_model(str(output_dir / "adapter"))
+        trainer.save_model(str(adapter_dir))
+    dtype = torch.bfloat16 if training_args.bf16 else torch.float32
+    merging = hasattr(model, "peft_config") and model_args.merge and model_args.stage == "finetune"
+    samples = [trainer.data_collator([dataset[i] for i in range(j, min(j + 2, len(dataset)))]) for j in (0, 2) if j < len(dataset)] if merging else []  # fmt: skip
+    trained, trained_logits = trainer.model, None
+    if is_sharded(trainer):
+        # No process holds the whole trained model: all of them run it on the merge check's samples
+        # (the same batches everywhere, so the same collectives) and gather its weights, and the main
+        # process carries on with an ordinary copy.
+        if merging:
+            trainer.model.eval()
+            trained_logits = logits_of(trainer.model, samples)
+        quantized = model_args.stage in ("finetune", "audio_align") and model_args.tuning == "qlora"
+        trained = gathered_model(trainer, base, adapter_dir, quantization_config(model_args) if quantized else None)
     if not trainer.is_world_process_zero():
         return summary
 
     model_dir = output_dir / "model"
-    dtype = torch.bfloat16 if training_args.bf16 else torch.float32
-    if model_args.stage == "audio_align":
-        save_aligned(trainer.model, base, processor, model_dir, dtype)
-    elif hasattr(model, "peft_config"):
-        adapter_dir = output_dir / "adapter"
-        if model_args.merge:
-            samples = [trainer.data_collator([dataset[i] for i in range(j, min(j + 2, len(dataset)))]) for j in (0, 2) if j < len(dataset)]
-            summary["merge"] = merge_and_save(trainer.model, base, adapter_dir, processor, model_dir, samples, dtype)
-            print(f"merged vs trained: {summary['merge']}")
-    else:
-        save_checkpoint(trainer.model, processor, model_dir)
+    with unsharded_loading(trainer):
+        if model_args.stage == "audio_align":
+            save_aligned(trained, base, processor, model_dir, dtype)
+        elif hasattr(model, "peft_config"):
+            if model_args.merge:
+                summary["merge"] = merge_and_save(trained, base, adapter_dir, processor, model_dir, samples, dtype, trained_logits)
+                print(f"merged vs trained: {summary['merge']}")
+        else:
+            save_checkpoint(trained, processor, model_dir)
 
     if data_args.eval_data_path and (model_dir / "config.json").is_file():
         from phi3mm.evaluate import evaluate
 
-        final = Phi3ProjectorForConditionalGeneration.from_pretrained(model_dir, use_safetensors=True).eval()
+        with unsharded_loading(trainer):
+            final = Phi3ProjectorForConditionalGeneration.from_pretrained(model_dir, use_safetensors=True).eval()
         rows = read_rows(data_args.eval_data_path)[: data_args.max_eval_samples]
         summary["eval"] = evaluate(final, processor, rows, **folders)
         summary["eval_blank_media"] = evaluate(final, processor, rows, blank_media=True, **folders)
