@@ -87,7 +87,7 @@ def ask(client, kind: str, files: dict[str, Path], max_new_tokens: int) -> tuple
     attached = {"text": [], "image": ["image"], "audio": ["audio"], "image+audio": ["image", "audio"]}.get(kind, [kind])
     message = {"text": f"A {kind} question: what is this?", "files": [handle_file(str(files[k])) for k in attached]}
     try:
-        reply = client.predict(message, max_new_tokens, 0.0, False, api_name="/chat")
+        reply = client.predict(message, max_new_tokens, 0.0, False, "", api_name="/chat")  # system prompt last
     except Exception as error:  # gradio_client raises for uploads the server refuses, a full queue...
         text = " ".join(str(error).split())
         return ("refused by server" if text else "unanswered"), f"{type(error).__name__}: {text[:300]}"
@@ -98,7 +98,7 @@ def ask(client, kind: str, files: dict[str, Path], max_new_tokens: int) -> tuple
 def attack(http, url: str, path: str) -> tuple[str, str]:
     """A raw /chat call naming a server file that was never uploaded; the handler must never see it."""
     body = {"data": [{"text": "Read this file", "files": [{"path": path, "meta": {"_type": "gradio.FileData"}}]},
-                     8, 0.0, False]}  # fmt: skip
+                     8, 0.0, False, ""]}  # fmt: skip
     posted = http.post(f"{url}gradio_api/call/chat", json=body)
     if posted.status_code != 200:
         return "refused by server", f"HTTP {posted.status_code}"

@@ -84,7 +84,7 @@ def served(tiny):
 
 
 def call_chat(url: str, files: list) -> str:
-    body = {"data": [{"text": "What is in this file?", "files": files}, 4, 0.0, False]}
+    body = {"data": [{"text": "What is in this file?", "files": files}, 4, 0.0, False, ""]}  # the inputs in order, system prompt last
     with httpx.Client(timeout=120) as http:
         posted = http.post(f"{url}gradio_api/call/chat", json=body)
         if posted.status_code != 200:
