@@ -31,6 +31,17 @@ def tone(freq=300.0, seconds=1.0, rate=16_000) -> np.ndarray:
 
 
 @pytest.fixture
+def one_thread():
+    """Tiny matmuls gain nothing from a second thread, and on a busy 2-core machine OpenMP's waiting
+    threads made training tests 5x slower (same losses either way). Modules opt in with
+    `pytestmark = pytest.mark.usefixtures("one_thread")`."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture
 def rng():
     torch.manual_seed(0)
     return np.random.default_rng(0)
