@@ -22,7 +22,7 @@ from phi3mm.build import build_tiny_model, save_checkpoint
 from phi3mm.data import LlavaDataset, MultimodalCollator, read_rows
 from phi3mm.demo_data import make_demo_dataset
 from phi3mm.load_test import free_port
-from phi3mm.training import LORA_TARGETS, train
+from phi3mm.training import LORA_TARGETS
 from train_trainer import main, parse_args
 
 ROOT = Path(__file__).resolve().parents[1]
