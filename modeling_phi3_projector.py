@@ -222,34 +222,71 @@ class Phi3ProjectorModel(Phi3ProjectorPreTrainedModel):
         projector_dtype = self.multi_modal_projector.linear_1.weight.dtype
         return self.multi_modal_projector(vision_features.to(projector_dtype))
 
-    def get_audio_features(self, input_features: torch.Tensor, input_features_mask: torch.Tensor) -> torch.Tensor:
+    def get_audio_features(
+        self,
+        input_features: torch.Tensor | None,
+        input_features_mask: torch.Tensor,
+        audio_encoder_states: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """Projected audio tokens of every 30 s window, trimmed to the real audio, concatenated.
 
         input_features: (windows, mel bins, 3000) log-mel windows, zero-padded to 30 s as Whisper expects.
-        input_features_mask: (windows, 3000), 1 on the real mel frames of each window.
+        input_features_mask: (windows, mel frames), 1 on the real mel frames of each window.
+        audio_encoder_states: (windows, frames, audio width) instead of input_features: the Whisper
+            encoder's output, precomputed (phi3mm.audio_cache) so that a frozen encoder runs once per
+            clip rather than once per epoch; at least the frames the window's tokens stack.
         Returns (total audio tokens, text width), in window order.
         """
         if self.audio_tower is None:
             raise ValueError("this model has no audio tower (config.audio_config is None), so it cannot take audio")
-        mel_bins = self.config.audio_config.num_mel_bins
-        if input_features.ndim != 3 or input_features.shape[0] == 0 or input_features.shape[1] != mel_bins:
+        if (input_features is None) == (audio_encoder_states is None):
+            raise ValueError("pass input_features or audio_encoder_states (precomputed encoder output), exactly one")
+        windows = (input_features if input_features is not None else audio_encoder_states).shape[0]
+        if input_features_mask.ndim != 2 or input_features_mask.shape[0] != windows:
             raise ValueError(
-                f"input_features must have shape (windows >= 1, {mel_bins}, frames), got {tuple(input_features.shape)}"
-            )
-        if tuple(input_features_mask.shape) != (input_features.shape[0], input_features.shape[2]):
-            raise ValueError(
-                f"input_features_mask must have shape (windows, frames) = {(input_features.shape[0], input_features.shape[2])}, "
+                f"input_features_mask must have shape (windows, mel frames) with {windows} windows, "
                 f"got {tuple(input_features_mask.shape)}"
             )
-        input_features = input_features.to(dtype=self.audio_tower.dtype)
         mel_lengths = input_features_mask.long().sum(-1)
-        if self.config.audio_real_length:
-            frames = self._encode_real_length(input_features, mel_lengths)
-        else:  # every window padded to 30 s, as checkpoints from before `audio_real_length` were trained
-            frames = self.audio_tower(input_features, return_dict=True).last_hidden_state
-        tokens = self.audio_projector(frames)
         n_tokens = self.audio_token_counts(mel_lengths)
+        if audio_encoder_states is not None:
+            width, needed = self.config.audio_config.d_model, int(n_tokens.max()) * self.config.audio_stack_factor
+            if audio_encoder_states.ndim != 3 or windows == 0 or audio_encoder_states.shape[2] != width:
+                raise ValueError(
+                    f"audio_encoder_states must have shape (windows >= 1, frames, {width}), got {tuple(audio_encoder_states.shape)}"
+                )
+            if audio_encoder_states.shape[1] < min(needed, self.config.audio_config.max_source_positions):
+                raise ValueError(f"audio_encoder_states hold {audio_encoder_states.shape[1]} frames; the audio needs {needed}")
+            frames = audio_encoder_states.to(self.audio_projector.linear_1.weight.dtype)
+        else:
+            mel_bins = self.config.audio_config.num_mel_bins
+            if input_features.ndim != 3 or windows == 0 or input_features.shape[1] != mel_bins:
+                raise ValueError(
+                    f"input_features must have shape (windows >= 1, {mel_bins}, frames), got {tuple(input_features.shape)}"
+                )
+            if input_features_mask.shape[1] != input_features.shape[2]:
+                raise ValueError(
+                    f"input_features_mask must have shape (windows, frames) = {(windows, input_features.shape[2])}, "
+                    f"got {tuple(input_features_mask.shape)}"
+                )
+            frames = self.encode_audio(input_features, mel_lengths)
+        if self.config.audio_real_length:
+            # The last token of a window stacks frames past its real audio too: zeros, not the encoder's
+            # output at padded positions (which depends on how far the batch was padded), so a clip gives
+            # the same tokens alone, beside a longer one, or from the feature cache.
+            real_frames = ((mel_lengths + 1) // 2).clamp(1, self.config.audio_config.max_source_positions)
+            padded = torch.arange(frames.shape[1], device=frames.device)[None, :] >= real_frames.to(frames.device)[:, None]
+            frames = frames.masked_fill(padded[..., None], 0.0)
+        tokens = self.audio_projector(frames)
         return torch.cat([window[:n] for window, n in zip(tokens, n_tokens.tolist())])
+
+    def encode_audio(self, input_features: torch.Tensor, mel_lengths: torch.Tensor) -> torch.Tensor:
+        """The Whisper encoder's output (windows, frames, audio width), as the projector takes it."""
+        input_features = input_features.to(dtype=self.audio_tower.dtype)
+        if self.config.audio_real_length:
+            return self._encode_real_length(input_features, mel_lengths)
+        # every window padded to 30 s, as checkpoints from before `audio_real_length` were trained
+        return self.audio_tower(input_features, return_dict=True).last_hidden_state
 
     def _encode_real_length(self, input_features: torch.Tensor, mel_lengths: torch.Tensor) -> torch.Tensor:
         """Whisper's encoder over the real audio only, as Ultravox runs it: the windows are cut to the
@@ -263,8 +300,10 @@ class Phi3ProjectorModel(Phi3ProjectorPreTrainedModel):
         max_frames = self.config.audio_config.max_source_positions
         real_frames = ((mel_lengths + 1) // 2).clamp(1, max_frames)
         n_frames = min(-(-int(real_frames.max()) // 16) * 16, max_frames, input_features.shape[-1] // 2)
-        hidden = nn.functional.gelu(encoder.conv1(input_features[..., : 2 * n_frames]))
-        hidden = nn.functional.gelu(encoder.conv2(hidden)).transpose(1, 2)
+        # Two mel frames past the cut: the convolutions at the last kept frame then read the window's
+        # own (silence) frames rather than their zero padding, whatever length the batch was cut to.
+        hidden = nn.functional.gelu(encoder.conv1(input_features[..., : 2 * n_frames + 2]))
+        hidden = nn.functional.gelu(encoder.conv2(hidden))[..., :n_frames].transpose(1, 2)
         hidden = hidden + encoder.embed_positions.weight[:n_frames].to(hidden.dtype)
         hidden = nn.functional.dropout(hidden, p=encoder.dropout, training=encoder.training)
         padded = torch.arange(n_frames, device=hidden.device)[None, :] >= real_frames.to(hidden.device)[:, None]
@@ -297,6 +336,7 @@ class Phi3ProjectorModel(Phi3ProjectorPreTrainedModel):
         vision_features: torch.FloatTensor | None = None,
         input_features: torch.FloatTensor | None = None,
         input_features_mask: torch.LongTensor | None = None,
+        audio_encoder_states: torch.FloatTensor | None = None,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.LongTensor | None = None,
         past_key_values: Cache | None = None,
@@ -309,7 +349,7 @@ class Phi3ProjectorModel(Phi3ProjectorPreTrainedModel):
         if tokens.ndim != (2 if input_ids is not None else 3) or tokens.shape[1] == 0:
             raise ValueError(f"expected a (batch, sequence >= 1) input, got one of shape {tuple(tokens.shape)}")
         has_images = pixel_values is not None or vision_features is not None
-        has_audio = input_features is not None
+        has_audio = input_features is not None or audio_encoder_states is not None
         if (has_images or has_audio) and input_ids is None:
             raise ValueError("images and audio need input_ids: their placeholder tokens mark where they go")
         if pixel_values is not None and vision_features is not None:
@@ -323,8 +363,8 @@ class Phi3ProjectorModel(Phi3ProjectorPreTrainedModel):
             inputs_embeds = self._scatter(input_ids, inputs_embeds, image_features, self.config.image_token_id, "image")
         if has_audio:
             if input_features_mask is None:
-                raise ValueError("input_features_mask is needed with input_features: it says how much of each window is real audio")
-            audio_features = self.get_audio_features(input_features, input_features_mask)
+                raise ValueError("input_features_mask is needed with the audio: it says how much of each window is real audio")
+            audio_features = self.get_audio_features(input_features, input_features_mask, audio_encoder_states)
             inputs_embeds = self._scatter(input_ids, inputs_embeds, audio_features, self.config.audio_token_id, "audio")
 
         return_dict = kwargs.pop("return_dict", None)
@@ -373,8 +413,8 @@ class Phi3ProjectorForConditionalGeneration(Phi3ProjectorPreTrainedModel, Genera
     def get_image_features(self, pixel_values=None, vision_features=None) -> torch.Tensor:
         return self.model.get_image_features(pixel_values, vision_features)
 
-    def get_audio_features(self, input_features, input_features_mask) -> torch.Tensor:
-        return self.model.get_audio_features(input_features, input_features_mask)
+    def get_audio_features(self, input_features, input_features_mask, audio_encoder_states=None) -> torch.Tensor:
+        return self.model.get_audio_features(input_features, input_features_mask, audio_encoder_states)
 
     def forward(
         self,
@@ -383,6 +423,7 @@ class Phi3ProjectorForConditionalGeneration(Phi3ProjectorPreTrainedModel, Genera
         vision_features: torch.FloatTensor | None = None,
         input_features: torch.FloatTensor | None = None,
         input_features_mask: torch.LongTensor | None = None,
+        audio_encoder_states: torch.FloatTensor | None = None,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.LongTensor | None = None,
         past_key_values: Cache | None = None,
@@ -396,7 +437,8 @@ class Phi3ProjectorForConditionalGeneration(Phi3ProjectorPreTrainedModel, Genera
         Shapes: input_ids (batch, seq); pixel_values (images, 3, H, W) in the order the `<image>`
         blocks appear, row by row; vision_features (images, patches, vision width) instead of
         pixel_values; input_features (windows, mel bins, 3000) and input_features_mask
-        (windows, 3000) for the audio; labels (batch, seq) with -100 where no loss is taken
+        (windows, 3000) for the audio, or audio_encoder_states (windows, frames, audio width) with
+        the same mask instead of input_features; labels (batch, seq) with -100 where no loss is taken
         (shifted here, once).
 
         `skip_logits=True` with labels runs the head only at the supervised positions and returns
@@ -419,6 +461,7 @@ class Phi3ProjectorForConditionalGeneration(Phi3ProjectorPreTrainedModel, Genera
             vision_features=vision_features,
             input_features=input_features,
             input_features_mask=input_features_mask,
+            audio_encoder_states=audio_encoder_states,
             attention_mask=attention_mask,
             position_ids=position_ids,
             past_key_values=past_key_values,
@@ -476,9 +519,10 @@ class Phi3ProjectorForConditionalGeneration(Phi3ProjectorPreTrainedModel, Genera
             input_ids, past_key_values=past_key_values, is_first_iteration=is_first_iteration, **kwargs
         )
         # GenerationMixin already keeps pixel_values and input_features to the prefill; cached
-        # vision features must follow them, since later steps carry no <image> tokens.
+        # features must follow them, since later steps carry no <image> or <audio> tokens.
         if not is_first_iteration and kwargs.get("use_cache", True):
             model_inputs.pop("vision_features", None)
+            model_inputs.pop("audio_encoder_states", None)
         return model_inputs
 
 

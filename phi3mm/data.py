@@ -22,11 +22,13 @@ import math
 import multiprocessing
 import os
 from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from configuration_phi3_projector import HOP_LENGTH, audio_token_count
 from modeling_phi3_projector import IGNORE_INDEX
 from processing_multimodal import SAMPLING_RATE, load_audio, load_image
 
@@ -178,6 +180,7 @@ class LlavaDataset(torch.utils.data.Dataset):
         max_length: int = 2048,
         strict: bool = False,
         vision_cache=None,
+        audio_cache=None,
     ):
         self.processor = processor
         self.image_folder = Path(image_folder) if image_folder else None
@@ -185,6 +188,7 @@ class LlavaDataset(torch.utils.data.Dataset):
         self.max_length = max_length
         self.strict = strict
         self.vision_cache = vision_cache
+        self.audio_cache = audio_cache
         self.checked: Counter = Counter()  # rows dropped up front, by reason
         self.rows = []
         for index, row in enumerate(rows):
@@ -264,7 +268,8 @@ class LlavaDataset(torch.utils.data.Dataset):
         )
 
     def load_media(self, row: dict) -> tuple[list, list]:
-        """(images as RGB PIL images or cached features, clips as 16 kHz arrays); `_Skip` when unreadable."""
+        """(images as RGB PIL images or cached features, clips as 16 kHz arrays or cached encoder
+        output); `_Skip` when unreadable."""
         if self.vision_cache is not None:
             image_inputs = [self.vision_cache.load(str(name)) for name in row_media(row, "image", None)]
         else:
@@ -273,10 +278,18 @@ class LlavaDataset(torch.utils.data.Dataset):
             except ValueError as error:
                 raise _Skip("unreadable image", error) from None
         try:
-            clips = [load_audio(clip, i) for i, clip in enumerate(self.media(row, "audio"))]
+            if self.audio_cache is not None:
+                clips = [self._cached_clip(clip) for clip in row_media(row, "audio", None)]
+            else:
+                clips = [load_audio(clip, i) for i, clip in enumerate(self.media(row, "audio"))]
         except ValueError as error:
             raise _Skip("unreadable audio", error) from None
         return image_inputs, clips
+
+    def _cached_clip(self, clip) -> CachedAudio:
+        if not isinstance(clip, Path):
+            raise ValueError("the audio feature cache holds clips given as files; this row's clip is in memory")
+        return CachedAudio(**self.audio_cache.load(str(clip)))
 
 
 def audio_tokens_from_header(processor, clip) -> int:
@@ -305,6 +318,28 @@ def render_chat(processor, messages: list[dict], add_generation_prompt: bool = F
         return ""
     text = processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
     return text if add_generation_prompt else text.removesuffix(processor.tokenizer.eos_token or "")
+
+
+@dataclass
+class CachedAudio:
+    """One clip's precomputed Whisper encoder output (phi3mm.audio_cache): `states` (windows,
+    frames, audio width) and `mel_lengths` (windows,)."""
+
+    states: torch.Tensor
+    mel_lengths: torch.Tensor
+
+
+def cached_audio_inputs(processor, clips: list[CachedAudio]) -> tuple[list[torch.Tensor], np.ndarray, list[int]]:
+    """As `processor.process_audio`, for cached clips: (states per window, input_features_mask
+    (windows, mel frames of a window), tokens per clip), the tokens by the model's own formula."""
+    window_frames = processor.window_samples // HOP_LENGTH
+    states, masks, tokens = [], [], []
+    for clip in clips:
+        lengths = clip.mel_lengths.tolist()
+        states += list(clip.states)
+        masks += [np.arange(window_frames) < n for n in lengths]
+        tokens.append(sum(audio_token_count(n, processor.audio_stack_factor, processor.audio_max_frames) for n in lengths))
+    return states, np.stack(masks).astype(np.int64), tokens
 
 
 class _Skip(Exception):
@@ -345,7 +380,10 @@ def encode_conversation(processor, messages, images, clips, max_length: int, pre
             unit["images"] += [next(image_iter) for _ in range(content.count(processor.image_token))]
             unit_clips = [next(clip_iter) for _ in range(content.count(processor.audio_token))]
             audio_tokens = []
-            if unit_clips:
+            if unit_clips and isinstance(unit_clips[0], CachedAudio):
+                states, mask, audio_tokens = cached_audio_inputs(processor, unit_clips)
+                unit["clips"].append((states, mask))
+            elif unit_clips:
                 features, mask, audio_tokens = processor.process_audio(unit_clips, SAMPLING_RATE)
                 unit["clips"].append((features, mask))
             content = processor.expand_placeholders(content, audio_tokens)
@@ -390,10 +428,20 @@ def encode_conversation(processor, messages, images, clips, max_length: int, pre
         else:
             item["pixel_values"] = torch.as_tensor(processor.image_processor(kept_images, return_tensors="np")["pixel_values"])
     kept_clips = [clip for unit in kept for clip in unit["clips"]]
-    if kept_clips:
+    if kept_clips and isinstance(kept_clips[0][0], list):  # cached encoder output, windows of their own lengths
+        item["audio_encoder_states"] = pad_frames([window for states, _ in kept_clips for window in states])
+        item["input_features_mask"] = torch.as_tensor(np.concatenate([m for _, m in kept_clips]))
+    elif kept_clips:
         item["input_features"] = torch.as_tensor(np.concatenate([f for f, _ in kept_clips]))
         item["input_features_mask"] = torch.as_tensor(np.concatenate([m for _, m in kept_clips]))
     return item
+
+
+def pad_frames(windows: list[torch.Tensor]) -> torch.Tensor:
+    """(frames, width) windows of encoder output -> (windows, longest, width), zero-padded. The
+    padding only ever feeds audio tokens past a window's count, which the model trims."""
+    longest = max(window.shape[0] for window in windows)
+    return torch.stack([torch.nn.functional.pad(window, (0, 0, 0, longest - window.shape[0])) for window in windows])
 
 
 class MultimodalCollator:
@@ -427,10 +475,13 @@ class MultimodalCollator:
             parts = [item[key] for item in items if key in item]
             if parts:
                 batch[key] = torch.cat(parts)
+        states = [window for item in items for window in item.get("audio_encoder_states", [])]
+        if states:
+            batch["audio_encoder_states"] = pad_frames(states)
         return batch
 
 
 __all__ = [
-    "IGNORE_INDEX", "LlavaDataset", "MultimodalCollator", "as_list", "audio_tokens_from_header", "encode_conversation",
+    "IGNORE_INDEX", "CachedAudio", "LlavaDataset", "MultimodalCollator", "as_list", "audio_tokens_from_header", "encode_conversation",
     "media_paths", "read_rows", "render_chat", "row_media", "row_messages",
 ]  # fmt: skip

@@ -85,6 +85,7 @@ class DataArguments:
     max_length: int = field(default=2048, metadata={"help": "Longest sequence; whole turns are dropped to fit."})
     strict: bool = field(default=False, metadata={"help": "A bad row stops the run instead of being skipped."})
     vision_cache_dir: str | None = field(default=None, metadata={"help": "Precomputed vision features (phi3mm.vision_cache)."})
+    audio_cache_dir: str | None = field(default=None, metadata={"help": "Precomputed Whisper encoder output (phi3mm.audio_cache)."})
     max_eval_samples: int | None = field(default=None, metadata={"help": "Evaluate on at most this many rows."})
     audio_column: str = field(default="audio", metadata={"help": "'audio_align': the ASR rows' audio column."})
     text_column: str = field(default="text", metadata={"help": "'audio_align': the ASR rows' transcript column."})
@@ -605,6 +606,33 @@ def unsharded_loading(trainer: Trainer):
         plugin.set_deepspeed_weakref()
 
 
+def open_caches(model, model_args: ModelArguments, data_args: DataArguments) -> tuple:
+    """The vision and audio feature caches the run reads, checked against the towers' config and
+    weights: a cache built from another tower (another seed, or one a stage with --train_*_tower
+    changed) must not train on stale features, and a tower that trains cannot use one."""
+    from phi3mm.audio_cache import AudioFeatureCache
+    from phi3mm.vision_cache import VisionFeatureCache
+
+    base_model = model.get_base_model() if hasattr(model, "get_base_model") else model
+    caches = []
+    for cache_class, folder, trains, option in (
+        (VisionFeatureCache, data_args.vision_cache_dir, model_args.train_vision_tower, "--train_vision_tower"),
+        (AudioFeatureCache, data_args.audio_cache_dir, model_args.train_audio_tower or model_args.audio_lora_r > 0,
+         "--train_audio_tower" if model_args.train_audio_tower else "--audio_lora_r"),
+    ):  # fmt: skip
+        if not folder:
+            caches.append(None)
+            continue
+        flag = f"--{cache_class.modality.replace('image', 'vision')}_cache_dir"
+        if trains:
+            raise ValueError(
+                f"{flag} holds features of a fixed tower, but {option} changes the tower at every step: drop "
+                f"one of the two (train the tower from the media, or keep it frozen and use the cache)"
+            )
+        caches.append(cache_class(folder, base_model.config, fingerprint=cache_class.fingerprint(model)))
+    return tuple(caches)
+
+
 def check_media_for_zero3(rows: list[dict]) -> None:
     """ZeRO-3 gathers a tower's weights when the tower runs, from every process at once: a step in
     which one process's batch has audio (or images, or neither) and another's has not is a mismatch
@@ -657,21 +685,9 @@ def train(model_args: ModelArguments, data_args: DataArguments, training_args: T
     model.config.use_cache = False
     model = prepare_for_training(model, model_args, training_args)
 
-    vision_cache = None
-    if data_args.vision_cache_dir:
-        if model_args.train_vision_tower:
-            raise ValueError(
-                "--vision_cache_dir holds features of a fixed tower, but --train_vision_tower changes the tower at "
-                "every step: drop one of the two (train the tower from pixels, or keep it frozen and use the cache)"
-            )
-        from phi3mm.vision_cache import VisionFeatureCache, tower_fingerprint
-
-        # The config fields and the tower's weights: a cache built from another tower (another seed,
-        # or one a stage with --train_vision_tower changed) must not train on stale features.
-        base_model = model.get_base_model() if hasattr(model, "get_base_model") else model
-        vision_cache = VisionFeatureCache(data_args.vision_cache_dir, base_model.config, fingerprint=tower_fingerprint(model))
+    vision_cache, audio_cache = open_caches(model, model_args, data_args)
     folders = dict(image_folder=data_args.image_folder, audio_folder=data_args.audio_folder)
-    options = dict(max_length=data_args.max_length, strict=data_args.strict, vision_cache=vision_cache)
+    options = dict(max_length=data_args.max_length, strict=data_args.strict, vision_cache=vision_cache, audio_cache=audio_cache)
     collator = MultimodalCollator(processor.tokenizer.pad_token_id)
     make_dataset = LlavaDataset
     if model_args.stage == "audio_align":

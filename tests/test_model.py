@@ -231,24 +231,33 @@ def test_whisper_encodes_only_the_real_audio_as_an_encoder_built_for_that_length
     with torch.no_grad():
         frames = model.model._encode_real_length(inputs["input_features"], inputs["input_features_mask"].sum(-1))
     hook.remove()
-    assert seen == [96] and frames.shape[1] == 48
+    assert seen == [98] and frames.shape[1] == 48  # two mel frames past the cut: see the next test
 
     short_config = copy.deepcopy(model.config.audio_config)
     short_config.max_source_positions = 48
     reference = WhisperEncoder(short_config).eval()
     state = {k: v[:48] if k == "embed_positions.weight" else v for k, v in model.model.audio_tower.state_dict().items()}
     reference.load_state_dict(state)
+    tower = model.model.audio_tower
     with torch.no_grad():
+        # The convolutions' output on the kept frames is the whole window's (the last frame reads the
+        # silence after the clip, as in the 30 s window), the layers those of a 48-position encoder.
+        window_convs = tower.conv2(torch.nn.functional.gelu(tower.conv1(inputs["input_features"])))
+        hook = reference.conv2.register_forward_hook(lambda m, args, out: window_convs[..., :48])
         expected = reference(inputs["input_features"][..., :96]).last_hidden_state
+        hook.remove()
         padded = model.model.audio_tower(inputs["input_features"]).last_hidden_state[:, :48]
     torch.testing.assert_close(frames, expected, atol=1e-5, rtol=1e-5)
     assert (padded - expected).abs().max() > 1e-3  # the padded window really is another encoding
 
 
-def test_real_length_audio_features_do_not_depend_on_the_other_clips_in_the_batch(tiny):
+@pytest.mark.parametrize("seconds", [1.0, 0.95, 0.3])
+def test_real_length_audio_features_do_not_depend_on_the_other_clips_in_the_batch(tiny, seconds):
+    """0.95 s is 95 mel frames, 48 encoder frames, 10 tokens of 5: the cut falls one mel frame past
+    the audio and the last token stacks two frames past it; both once depended on the batch."""
     model, processor = tiny
-    alone = encode(processor, USER.format("<audio>\nPitch?"), audio=[tone(seconds=1.0)])
-    batch = encode(processor, [USER.format("<audio>\nPitch?")] * 2, audio=[tone(seconds=1.0), tone(500, 7.0)], padding=True)
+    alone = encode(processor, USER.format("<audio>\nPitch?"), audio=[tone(seconds=seconds)])
+    batch = encode(processor, [USER.format("<audio>\nPitch?")] * 2, audio=[tone(seconds=seconds), tone(500, 7.0)], padding=True)
     with torch.no_grad():
         a = model.get_audio_features(alone["input_features"], alone["input_features_mask"])
         b = model.get_audio_features(batch["input_features"], batch["input_features_mask"])

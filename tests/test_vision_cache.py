@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import phi3mm.feature_cache as feature_cache
 import phi3mm.vision_cache as vc
 from modeling_phi3_projector import Phi3ProjectorForConditionalGeneration
 from phi3mm.build import build_tiny_model, save_checkpoint
@@ -65,7 +66,7 @@ def test_cached_features_give_the_logits_of_pixels(setup):
 def test_rerun_reuses_everything_and_resumes_a_deleted_entry(setup):
     args = ["--model", str(setup["checkpoint"]), "--data_path", setup["data"]["train"],
             "--image_folder", setup["data"]["image_folder"], "--cache_dir", str(setup["root"] / "float16")]  # fmt: skip
-    n_images = setup["summaries"]["float16"]["images"]
+    n_images = setup["summaries"]["float16"]["total"]
     # The command as a user runs it, in a fresh process.
     run = subprocess.run([sys.executable, "-m", "phi3mm.vision_cache", *args, "--device", "cpu"],
                          cwd=ROOT, capture_output=True, text=True, timeout=120)  # fmt: skip
@@ -165,7 +166,7 @@ def test_interrupted_writes_leave_no_partial_entry(setup, tmp_path, monkeypatch)
 
     # One entry: a failing write leaves neither the entry nor its temporary file.
     cache = vc.VisionFeatureCache(setup["root"] / "float32")
-    monkeypatch.setattr(vc, "open", open_failing_at(1, OSError("disk full")), raising=False)
+    monkeypatch.setattr(feature_cache, "open", open_failing_at(1, OSError("disk full")), raising=False)
     with pytest.raises(OSError, match="disk full"):
         cache.save("images/new.png", torch.zeros(cache.shape))
     assert not cache.path("images/new.png").exists() and not list(cache.path("images/new.png").parent.glob("*.tmp"))
@@ -173,7 +174,7 @@ def test_interrupted_writes_leave_no_partial_entry(setup, tmp_path, monkeypatch)
     # A build interrupted during its third entry (calls: meta.json, entry 1, entry 2, entry 3): two
     # whole entries, no partial one; the rerun computes the rest.
     calls.clear()
-    monkeypatch.setattr(vc, "open", open_failing_at(4, KeyboardInterrupt()), raising=False)
+    monkeypatch.setattr(feature_cache, "open", open_failing_at(4, KeyboardInterrupt()), raising=False)
     out = tmp_path / "cache"
     build = (setup["model"], setup["processor"], setup["data"]["train"], out, setup["data"]["image_folder"])
     with pytest.raises(KeyboardInterrupt):
@@ -181,7 +182,7 @@ def test_interrupted_writes_leave_no_partial_entry(setup, tmp_path, monkeypatch)
     assert len(list(out.rglob("*.safetensors"))) == 2 and not list(out.rglob("*.tmp"))
     monkeypatch.undo()
     summary = vc.build_cache(*build)
-    assert summary["reused"] == 2 and summary["computed"] == summary["images"] - 2
+    assert summary["reused"] == 2 and summary["computed"] == summary["total"] - 2
     cache = vc.VisionFeatureCache(out, setup["model"].config)
     assert all(cache.load(row["image"]).shape == cache.shape for row in setup["rows"])
 
