@@ -250,12 +250,12 @@ class Phi3ProjectorModel(Phi3ProjectorPreTrainedModel):
         mel_lengths = input_features_mask.long().sum(-1)
         n_tokens = self.audio_token_counts(mel_lengths)
         if audio_encoder_states is not None:
-            width, needed = self.config.audio_config.d_model, int(n_tokens.max()) * self.config.audio_stack_factor
+            width, needed = self.config.audio_config.d_model, int(self.audio_frames_used(mel_lengths).max())
             if audio_encoder_states.ndim != 3 or windows == 0 or audio_encoder_states.shape[2] != width:
                 raise ValueError(
                     f"audio_encoder_states must have shape (windows >= 1, frames, {width}), got {tuple(audio_encoder_states.shape)}"
                 )
-            if audio_encoder_states.shape[1] < min(needed, self.config.audio_config.max_source_positions):
+            if audio_encoder_states.shape[1] < needed:
                 raise ValueError(f"audio_encoder_states hold {audio_encoder_states.shape[1]} frames; the audio needs {needed}")
             frames = audio_encoder_states.to(self.audio_projector.linear_1.weight.dtype)
         else:
@@ -274,8 +274,8 @@ class Phi3ProjectorModel(Phi3ProjectorPreTrainedModel):
             # The last token of a window stacks frames past its real audio too: zeros, not the encoder's
             # output at padded positions (which depends on how far the batch was padded), so a clip gives
             # the same tokens alone, beside a longer one, or from the feature cache.
-            real_frames = ((mel_lengths + 1) // 2).clamp(1, self.config.audio_config.max_source_positions)
-            padded = torch.arange(frames.shape[1], device=frames.device)[None, :] >= real_frames.to(frames.device)[:, None]
+            real_frames = self.audio_frames_used(mel_lengths).to(frames.device)
+            padded = torch.arange(frames.shape[1], device=frames.device)[None, :] >= real_frames[:, None]
             frames = frames.masked_fill(padded[..., None], 0.0)
         tokens = self.audio_projector(frames)
         return torch.cat([window[:n] for window, n in zip(tokens, n_tokens.tolist())])
@@ -312,6 +312,13 @@ class Phi3ProjectorModel(Phi3ProjectorPreTrainedModel):
         for layer in encoder.layers:
             hidden = layer(hidden, mask)
         return encoder.layer_norm(hidden)
+
+    def audio_frames_used(self, mel_lengths: torch.Tensor) -> torch.Tensor:
+        """Encoder frames per window that its tokens read: the real ones when encoding at the real
+        length (the frames after them are zeros), else all the last token stacks."""
+        if self.config.audio_real_length:
+            return ((mel_lengths + 1) // 2).clamp(1, self.config.audio_config.max_source_positions)
+        return self.audio_token_counts(mel_lengths) * self.config.audio_stack_factor
 
     def audio_token_counts(self, mel_lengths: torch.Tensor) -> torch.Tensor:
         """Audio tokens per window for windows of `mel_lengths` real mel frames (the encoder halves them)."""

@@ -7,8 +7,8 @@ the demo's pretrained Whisper-base that is most of a step's time: the encoder is
 beside a language model of a few hundred thousand.
 
 An entry is one clip, keyed by its file name as the rows write it: `states` (windows, frames,
-audio width), the encoder's output over the frames the clip's audio tokens stack (the rest of a
-30 s window is not stored), and `mel_lengths` (windows,), the real mel frames of each window, from
+audio width), the encoder's output over the frames the clip's audio tokens read (the real ones;
+the rest of a 30 s window is not stored), and `mel_lengths` (windows,), the real mel frames of each window, from
 which the model counts the clip's tokens. The clip is encoded the way the checkpoint encodes it
 (real length, or padded to 30 s for checkpoints trained so), alone or batched alike, so training
 on the cache is training on the same numbers. Missing or unreadable clips are counted and listed
@@ -133,7 +133,7 @@ def build_cache(model, processor, data_path, cache_dir, audio_folder=None, batch
     cache = AudioFeatureCache.create(cache_dir, model, processor, dtype, source)
     todo = [name for name in names if name not in cache]
     tower_owner = owner(model)
-    device, stack = next(tower_owner.audio_tower.parameters()).device, tower_owner.config.audio_stack_factor
+    device = next(tower_owner.audio_tower.parameters()).device
     # Clips of like length batch together: real-length encoding pads a batch to its longest clip.
     lengths = {name: _duration(Path(audio_folder or "") / name) for name in todo}
     todo.sort(key=lambda name: lengths[name])
@@ -149,7 +149,7 @@ def build_cache(model, processor, data_path, cache_dir, audio_folder=None, batch
                 features = torch.from_numpy(np.concatenate([f for _, (f, _) in good])).to(device)
                 mel_lengths = torch.from_numpy(np.concatenate([m for _, (_, m) in good])).sum(-1).to(device)
                 states = tower_owner.encode_audio(features, mel_lengths)
-                keep = tower_owner.audio_token_counts(mel_lengths) * stack
+                keep = tower_owner.audio_frames_used(mel_lengths)
                 first = 0
                 for name, (f, _) in good:
                     windows = slice(first, first + f.shape[0])

@@ -341,18 +341,20 @@ def make_tiny_components(
     return paths
 
 
-def build_tiny_model(work_dir: str | os.PathLike, with_audio: bool = True, **options):
+def build_tiny_model(work_dir: str | os.PathLike, with_audio: bool = True, audio_model=None, **options):
     """Tiny components in `work_dir`, then the same `build_model_and_processor` a real run uses.
 
     Options named in `make_tiny_components` shape the components (`dtype` goes to both); the rest
-    go to `build_model_and_processor` (`image_token_pooling`, ...).
+    go to `build_model_and_processor` (`image_token_pooling`, ...). `audio_model` (a folder or hub
+    id) puts a pretrained Whisper in place of the tiny random one.
     """
     component_keys = set(inspect.signature(make_tiny_components).parameters) - {"dtype"}
     component_options = {k: options.pop(k) for k in list(options) if k in component_keys}
     if "dtype" in options:
         component_options["dtype"] = options["dtype"]
-    paths = make_tiny_components(work_dir, with_audio=with_audio, **component_options)
-    return build_model_and_processor(paths["text"], paths["vision"], paths.get("audio"), **options)
+    paths = make_tiny_components(work_dir, with_audio=with_audio and audio_model is None, **component_options)
+    audio = (audio_model or paths.get("audio")) if with_audio else None
+    return build_model_and_processor(paths["text"], paths["vision"], audio, **options)
 
 
 def main(argv: list[str] | None = None) -> None:

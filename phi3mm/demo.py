@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 from transformers import TrainingArguments
 
-from phi3mm.demo_data import make_demo_dataset, make_independent_eval
+from phi3mm.demo_data import make_demo_dataset, make_independent_eval, make_spoken_questions
 
 # Why these values: the tiny model's language model is random, so stage 2 has to teach it the
 # answers from scratch; a LoRA rank close to the width and a trainable vision tower (random CLIP
@@ -38,9 +38,13 @@ DEMO = {
     "stage2": {"epochs": 5, "lr": 1e-3, "projector_lr": 1e-3, "lora_r": 32, "lora_alpha": 64},
     "batch_size": 16,
     "train_vision_tower": True,
-    "train_audio_tower": True,
+    "clips_per_type": 600,
+    # Spoken questions: each of the 9 wordings spoken `takes` times in training voices (a voice,
+    # rate, pitch and noise drawn per clip), `eval_takes` times in held-out ones.
+    "spoken": {"takes": 40, "eval_takes": 12, "n_train": 900, "n_eval": 180, "epochs": 3, "lr": 1e-3},
 }
-QUICK = {**DEMO, "n_train": 400, "n_eval": 60, "stage2": {**DEMO["stage2"], "epochs": 2}}
+QUICK = {**DEMO, "n_train": 400, "n_eval": 60, "clips_per_type": 40, "stage2": {**DEMO["stage2"], "epochs": 2},
+         "spoken": {"takes": 2, "eval_takes": 1, "n_train": 60, "n_eval": 24, "epochs": 1, "lr": 1e-3}}
 
 
 def training_args(output_dir: Path, epochs: float, lr: float, batch_size: int, seed: int) -> TrainingArguments:
@@ -65,26 +69,39 @@ def training_args(output_dir: Path, epochs: float, lr: float, batch_size: int, s
 
 
 def run_demo(out_dir: str | Path = "outputs/demo", quick: bool = False, seed: int = 0) -> dict:
-    from phi3mm.training import DataArguments, ModelArguments, train
+    from phi3mm.audio_cache import build_cache as build_audio_cache
+    from phi3mm.data import read_rows
+    from phi3mm.training import DataArguments, ModelArguments, load_base, train
 
     settings = QUICK if quick else DEMO
     torch.set_num_threads(1)
     out_dir = Path(out_dir)
     start = time.perf_counter()
-    data = make_demo_dataset(out_dir / "data", n_train=settings["n_train"], n_eval=settings["n_eval"], seed=seed)
+    data = make_demo_dataset(out_dir / "data", n_train=settings["n_train"], n_eval=settings["n_eval"], seed=seed,
+                             clips_per_type=settings["clips_per_type"])  # fmt: skip
     independent = make_independent_eval(out_dir / "data", n=settings["n_eval"], seed=seed + 1)
     folders = dict(image_folder=data["image_folder"], audio_folder=data["audio_folder"])
 
-    towers = dict(train_vision_tower=settings["train_vision_tower"], train_audio_tower=settings["train_audio_tower"])
+    # The tiny LM and CLIP with Whisper-base's pretrained encoder as the ears. The encoder stays
+    # frozen, so its output is computed once per clip (phi3mm.audio_cache) rather than every epoch.
+    tiny = ModelArguments(
+        tiny=True,
+        tiny_hidden_size=settings["hidden_size"],
+        tiny_tokenizer="real",  # Phi-3.5's own tokenizer (phi3mm.real_parts): 32,064 embedding rows
+        tiny_audio_model="real",  # openai/whisper-base (phi3mm.real_parts)
+        stage="pretrain",
+    )
+    base_model, processor, base = load_base(tiny, out_dir / "stage1")
+    cache_dir = out_dir / "audio_cache"
+    torch.set_num_threads(2)  # Whisper-base's matrices do gain from the second core
+    audio = build_audio_cache(base_model, processor, read_rows(data["train"]), cache_dir, data["audio_folder"],
+                              batch_size=8, dtype="float32")  # fmt: skip
+    torch.set_num_threads(1)
+    del base_model
+    folders = dict(image_folder=data["image_folder"], audio_folder=data["audio_folder"])
     stage1 = train(
-        ModelArguments(
-            tiny=True,
-            tiny_hidden_size=settings["hidden_size"],
-            tiny_audio_window_seconds=2,  # the clips are under 2 s: no need to encode 28 s of padding
-            tiny_tokenizer="real",  # Phi-3.5's own tokenizer (phi3mm.real_parts): 32,064 embedding rows
-            stage="pretrain",
-        ),
-        DataArguments(data_path=str(data["train"]), max_length=512, **folders),
+        ModelArguments(model_name_or_path=str(base), stage="pretrain"),
+        DataArguments(data_path=str(data["train"]), max_length=512, audio_cache_dir=str(cache_dir), **folders),
         training_args(out_dir / "stage1", settings["stage1"]["epochs"], settings["stage1"]["lr"], settings["batch_size"], seed),
     )
     s2 = settings["stage2"]
@@ -97,26 +114,62 @@ def run_demo(out_dir: str | Path = "outputs/demo", quick: bool = False, seed: in
             lora_alpha=s2["lora_alpha"],
             projector_lr=s2["projector_lr"],
             bnb_compute_dtype="float32",  # bf16 matmuls are slower than fp32 on most CPUs
-            **towers,
+            train_vision_tower=settings["train_vision_tower"],
         ),
-        DataArguments(data_path=str(data["train"]), eval_data_path=str(data["eval"]), max_length=512, **folders),
+        DataArguments(data_path=str(data["train"]), eval_data_path=str(data["eval"]), max_length=512,
+                      audio_cache_dir=str(cache_dir), **folders),  # fmt: skip
         training_args(out_dir / "stage2", s2["epochs"], s2["lr"], settings["batch_size"], seed),
     )
 
+    # Spoken questions about images, learned two ways from the stage-2 model (LM frozen, only the
+    # audio projector trains): distillation from the text path on bare (speech, transcript) pairs,
+    # Ultravox's way, and supervised cross-entropy on image + spoken-question rows.
+    sp = settings["spoken"]
+    spoken = make_spoken_questions(data["out_dir"], n_train=sp["n_train"], n_eval=sp["n_eval"], takes=sp["takes"],
+                                   eval_takes=sp["eval_takes"], seed=seed)  # fmt: skip
+    stage2_model = ModelArguments(model_name_or_path=str(out_dir / "stage2" / "model"), stage="pretrain")
+    base_model, processor, _ = load_base(stage2_model, out_dir)
+    torch.set_num_threads(2)
+    spoken_cache = [build_audio_cache(base_model, processor, read_rows(spoken[name]), cache_dir, data["audio_folder"],
+                                      batch_size=8, dtype="float32") for name in ("asr", "spoken_train")]  # fmt: skip
+    torch.set_num_threads(1)
+    del base_model
+    aligned = {}
+    for variant, data_path, loss in (("distillation", spoken["asr"], "kl"), ("supervised", spoken["spoken_train"], "ce")):
+        aligned[variant] = train(
+            ModelArguments(model_name_or_path=str(out_dir / "stage2" / "model"), stage="audio_align", tuning="lora"),
+            DataArguments(data_path=data_path, max_length=512, audio_cache_dir=str(cache_dir), align_loss=loss,
+                          audio_column="audio", text_column="text", **folders),  # fmt: skip
+            training_args(out_dir / f"align_{variant}", sp["epochs"], sp["lr"], settings["batch_size"], seed),
+        )
+
+    # The published model hears spoken questions by distillation alone.
     model_dir = out_dir / "model"
     shutil.rmtree(model_dir, ignore_errors=True)
-    shutil.copytree(out_dir / "stage2" / "model", model_dir)
+    shutil.copytree(out_dir / "align_distillation" / "model", model_dir)
     from modeling_phi3_projector import Phi3ProjectorForConditionalGeneration
-    from phi3mm.data import read_rows
     from phi3mm.evaluate import evaluate
-    from processing_multimodal import MultimodalProcessor
 
-    model = Phi3ProjectorForConditionalGeneration.from_pretrained(model_dir).eval()
-    processor = MultimodalProcessor.from_pretrained(model_dir, trust_remote_code=True)
+    def score(model_path, rows_path, **options) -> dict:
+        model = Phi3ProjectorForConditionalGeneration.from_pretrained(model_path).eval()
+        return _scores(evaluate(model, processor, read_rows(rows_path), progress=False, **folders, **options))
+
     report = {
-        "held_out": _scores(stage2["eval"]),
-        "held_out_blank_media": _scores(stage2["eval_blank_media"]),
-        "independent": _scores(evaluate(model, processor, read_rows(independent["independent"]), progress=False, **folders)),
+        "held_out": score(model_dir, data["eval"]),
+        "held_out_blank_media": score(model_dir, data["eval"], blank_media=True),
+        "independent": score(model_dir, independent["independent"]),
+        "before_speech_alignment": {"held_out": _scores(stage2["eval"]), "held_out_blank_media": _scores(stage2["eval_blank_media"])},
+        "spoken": {
+            "train_voices": spoken["train_voices"],
+            "held_out_voices": spoken["eval_voices"],
+            "typed": score(out_dir / "stage2" / "model", spoken["typed_eval"]),
+            **{variant: {"spoken": score(out_dir / f"align_{variant}" / "model", spoken["spoken_eval"]),
+                         "audio_silenced": score(out_dir / f"align_{variant}" / "model", spoken["spoken_eval"], blank_media="audio"),
+                         "steps": aligned[variant]["steps"], "train_seconds": aligned[variant]["train_seconds"]}
+               for variant in aligned},  # fmt: skip
+        },
+        "audio_cache": {k: audio[k] for k in ("total", "computed", "reused", "failed")},
+        "spoken_audio_cache": [{k: c[k] for k in ("total", "computed", "reused", "failed")} for c in spoken_cache],
         "stage1": {k: stage1[k] for k in ("steps", "train_seconds", "first_logged_loss", "last_logged_loss")},
         "stage2": {k: stage2[k] for k in ("steps", "train_seconds", "first_logged_loss", "last_logged_loss", "merge")},
         "wall_seconds": round(time.perf_counter() - start, 1),
@@ -137,10 +190,16 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     report = run_demo(args.out_dir, quick=args.quick, seed=args.seed)
-    print(f"\nheld-out accuracy ({report['wall_seconds']:.0f} s wall):")
+    print(f"\naccuracy ({report['wall_seconds']:.0f} s wall):")
     for name in ("held_out", "held_out_blank_media", "independent"):
         by_type = ", ".join(f"{t} {100 * v['score']:.1f}%" for t, v in report[name]["by_type"].items())
         print(f"  {name:22s} {by_type}")
+    spoken = report["spoken"]
+    print(f"spoken questions, held-out voices ({', '.join(spoken['held_out_voices'])}):")
+    print(f"  {'typed':22s} {100 * spoken['typed']['overall']['score']:.1f}%")
+    for variant in ("distillation", "supervised"):
+        print(f"  {variant:22s} {100 * spoken[variant]['spoken']['overall']['score']:.1f}% "
+              f"(audio silenced: {100 * spoken[variant]['audio_silenced']['overall']['score']:.1f}%)")
     print(f"model: {Path(args.out_dir) / 'model'}   report: {Path(args.out_dir) / 'eval.json'}")
 
 

@@ -123,11 +123,15 @@ def _estimate_length(item: Item, processor) -> int:
     return n
 
 
-def _load_media(item: Item, blank_media: bool) -> dict:
+BLANKS = {False: (), True: ("image", "audio"), "image": ("image",), "audio": ("audio",)}
+
+
+def _load_media(item: Item, blank_media: bool | str) -> dict:
     images = [load_image(path, i) for i, path in enumerate(item.images)]
     clips = [load_audio(path, i) for i, path in enumerate(item.audio)]
-    if blank_media:
+    if "image" in BLANKS[blank_media]:
         images = [Image.new("RGB", image.size, (255, 255, 255)) for image in images]
+    if "audio" in BLANKS[blank_media]:
         clips = [np.zeros_like(clip) for clip in clips]
     return {"images": images, "audio": clips}
 
@@ -170,7 +174,7 @@ def evaluate(
     audio_folder: str | os.PathLike | None = None,
     batch_size: int = 16,
     max_new_tokens: int = 16,
-    blank_media: bool = False,
+    blank_media: bool | str = False,
     metric: str = "auto",
     progress: bool = True,
 ) -> dict:
@@ -179,8 +183,12 @@ def evaluate(
     Returns {"n", "skipped", "skip_reasons", "metric", "overall": {"score", "n"}, "by_type":
     {type: {"score", "n"}}, "predictions": the first 50 rows as {id, question_type, prediction,
     reference, score}}. Scores are fractions; `n` counts the rows answered. The model is put in
-    eval mode and back in train mode afterwards if it was training.
+    eval mode and back in train mode afterwards if it was training. `blank_media`: True swaps
+    every image for a white one and every clip for silence (the question-only floor); "image" or
+    "audio" blanks only that kind (a spoken question with its clip silenced, say).
     """
+    if blank_media not in BLANKS:
+        raise ValueError(f"blank_media must be one of {list(BLANKS)}, got {blank_media!r}")
     if metric != "auto" and metric not in METRICS:
         raise ValueError(f"unknown metric {metric!r}; choose from auto, {', '.join(METRICS)}")
     skipped: Counter = Counter()
@@ -279,7 +287,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--max_new_tokens", type=int, default=16)
     parser.add_argument("--output_json", default=None)
     parser.add_argument("--output_md", default=None)
-    parser.add_argument("--blank_media", action="store_true", help="white images and silent audio (chance check)")
+    parser.add_argument("--blank_media", nargs="?", const=True, default=False, choices=[True, "image", "audio"],
+                        help="white images and silent audio (chance check); `--blank_media audio` silences only the clips")
     parser.add_argument("--limit", type=int, default=None, help="only the first N rows")
     parser.add_argument("--metric", default="auto", choices=("auto",) + METRICS)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -309,7 +318,7 @@ def main(argv: list[str] | None = None) -> dict:
         blank_media=args.blank_media,
         metric=args.metric,
     )
-    blank = " (blank media)" if args.blank_media else ""
+    blank = {True: " (blank media)", "image": " (blank images)", "audio": " (silenced audio)"}.get(args.blank_media, "")
     table = results_markdown(result, f"{Path(args.model).name} on {Path(args.data_path).name}{blank}")
     print(table)
     if args.output_json:

@@ -52,6 +52,7 @@ class ModelArguments:
     tiny: bool = field(default=False, metadata={"help": "Build tiny random components offline (the demo, tests)."})
     tiny_hidden_size: int = field(default=64, metadata={"help": "Width of the tiny language model."})
     tiny_audio_window_seconds: int = field(default=30, metadata={"help": "Window of the tiny Whisper (30 as the real one)."})
+    tiny_audio_model: str | None = field(default=None, metadata={"help": "A pretrained Whisper as the tiny model's ears (folder or hub id; default: a tiny random one). `real` takes Whisper-base from phi3mm.real_parts."})
     tiny_tokenizer: str | None = field(default=None, metadata={"help": "Tokenizer of the tiny LM (folder or hub id; default: a small byte-level one). `real` takes Phi-3.5's from phi3mm.real_parts."})
     image_token_pooling: int | None = field(default=None, metadata={"help": "2 pools 576 image tokens to 144 (default: the checkpoint's, 1 for a new model); changes a composite checkpoint's setting for the run and the saved model."})
     audio_stack_factor: int = field(default=5, metadata={"help": "Encoder frames per audio token (50 / k tokens per second)."})
@@ -109,12 +110,12 @@ def quantization_config(model_args: ModelArguments) -> BitsAndBytesConfig:
     )
 
 
-def tiny_tokenizer(name: str | None) -> str | None:
-    """`real` is the Phi-3.5 tokenizer `phi3mm.real_parts` writes (fetched if missing)."""
+def real_part(name: str | None, part: str) -> str | None:
+    """`real` is the part (`phi35_tokenizer`, `whisper_base`) `phi3mm.real_parts` writes, fetched if missing."""
     if name == "real":
-        from phi3mm.real_parts import phi35_tokenizer_path
+        from phi3mm.real_parts import ensure_real_parts
 
-        return str(phi35_tokenizer_path())
+        return str(ensure_real_parts(None, (part,), log=lambda _: None)[part])
     return name
 
 
@@ -134,7 +135,8 @@ def load_base(model_args: ModelArguments, output_dir: Path):
                     output_dir / "components",
                     hidden_size=model_args.tiny_hidden_size,
                     audio_window_seconds=model_args.tiny_audio_window_seconds,
-                    tokenizer=tiny_tokenizer(model_args.tiny_tokenizer),
+                    tokenizer=real_part(model_args.tiny_tokenizer, "phi35_tokenizer"),
+                    audio_model=real_part(model_args.tiny_audio_model, "whisper_base"),
                     image_token_pooling=model_args.image_token_pooling or 1,
                     audio_stack_factor=model_args.audio_stack_factor,
                     with_audio=model_args.audio_model is not None,

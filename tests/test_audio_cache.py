@@ -55,8 +55,9 @@ def test_cached_encoder_output_gives_the_loss_and_logits_of_raw_audio(setup):
     cache = ac.AudioFeatureCache(setup["root"] / "cache", model.config, fingerprint=ac.tower_fingerprint(model))
     cached = collated(setup, cache)
     assert "input_features" not in cached and cached["audio_encoder_states"].shape[0] == 6  # the 3.1 s clip: 2 windows
-    # Only the frames the tokens stack are kept: the longest window holds 2 s = 100 encoder frames.
-    assert cached["audio_encoder_states"].shape[1] == -(-100 // model.config.audio_stack_factor) * model.config.audio_stack_factor
+    # Only the real frames are kept: the longest window holds 2 s = 100 encoder frames, the 0.3 s clip 15.
+    assert cached["audio_encoder_states"].shape[1] == 100
+    assert ac.AudioFeatureCache(setup["root"] / "cache").load("audio/clip0.wav")["states"].shape[1] == 15
     assert torch.equal(cached["input_ids"], raw["input_ids"])
     assert torch.equal(cached["input_features_mask"], raw["input_features_mask"])
     with torch.no_grad():
@@ -84,8 +85,8 @@ def test_model_takes_audio_one_way(setup):
     model, batch = setup["model"], collated(setup)
     with pytest.raises(ValueError, match="exactly one"):
         model.get_audio_features(batch["input_features"], batch["input_features_mask"], torch.zeros(6, 10, 32))
-    with pytest.raises(ValueError, match="hold 3 frames; the audio needs"):
-        model.get_audio_features(None, batch["input_features_mask"], torch.zeros(6, 3, model.config.audio_config.d_model))
+    with pytest.raises(ValueError, match="hold 3 frames; the audio needs 15"):
+        model.get_audio_features(None, batch["input_features_mask"][:1], torch.zeros(1, 3, model.config.audio_config.d_model))
 
 
 def test_training_refuses_a_stale_cache_and_a_trained_tower(setup, tmp_path):

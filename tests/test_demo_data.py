@@ -52,16 +52,20 @@ def analyse_audio(path: Path, qtype: str) -> str:
     info = sf.info(str(path))
     assert (info.samplerate, info.channels, info.subtype) == (16000, 1, "PCM_16")
     x, sr = sf.read(str(path))
-    assert 0.5 <= len(x) / sr <= 1.6
+    assert 0.5 <= len(x) / sr <= 3.0
+    assert 0.015 <= np.abs(x).max() <= 0.95  # levels drawn from -34 to -1 dBFS
     spec = np.abs(np.fft.rfft(x))
     f = np.fft.rfftfreq(len(x), 1 / sr)[spec.argmax()]
     if qtype == "pitch":  # 5 Hz slack covers the FFT bin width (< 2 Hz for clips >= 0.5 s)
         return "low" if 195 <= f <= 405 else "high" if 1495 <= f <= 3005 else f"{f=}"
-    assert 880 <= f <= 1120
-    frames = x[: len(x) // 160 * 160].reshape(-1, 160)  # 10 ms energy envelope
+    assert 395 <= f <= 2005
+    frames = x[: len(x) // 80 * 80].reshape(-1, 80)  # 5 ms energy envelope
     rms = np.sqrt((frames ** 2).mean(1))
     on = (rms > 0.3 * rms.max()).astype(int)
-    n = int(on[0] + (np.diff(on) == 1).sum())
+    starts = np.flatnonzero(np.diff(on) == 1) + 1
+    n = int(on[0] + len(starts))
+    rises = ([0] if on[0] else []) + list(starts)
+    assert rises[0] * 0.005 <= 0.51  # the first beep starts in the first half second
     return {1: "one", 2: "two", 3: "three"}.get(n, str(n))
 
 
@@ -73,7 +77,7 @@ def check_rows(out: Path, rows: list[dict]) -> None:
         assert conv[0]["value"].count(tag) == 1 and all(tag not in t["value"] for t in conv[1:])
         for q, a in zip(conv[::2], conv[1::2]):
             assert a["value"].endswith(".") and " " not in a["value"]
-            qtype = next(k for k, (text, _) in QUESTIONS.items() if q["value"].replace(tag, "").strip() == text)
+            qtype = next(k for k, (texts, _) in QUESTIONS.items() if q["value"].replace(tag, "").strip() in texts)
             assert row["question_type"] in (qtype, "multi")
             got = analyse_image(out / row["image"])[qtype] if tag == "<image>" else \
                 analyse_audio(out / row["audio"], qtype)
@@ -124,3 +128,17 @@ def test_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     info = json.loads(capsys.readouterr().out)
     assert info["n_train"] == 20 and info["independent"]["n"] == 10
     assert all((tmp_path / f).is_file() for f in ("train.json", "eval.json", "independent.json"))
+
+
+def test_shared_clip_pool(tmp_path: Path) -> None:
+    """`clips_per_type`: the sound rows of a type reuse that many clips (what the audio cache holds),
+    every answer still among them and every clip's answer true of it."""
+    info = make_demo_dataset(tmp_path, n_train=300, n_eval=10, seed=2, clips_per_type=9)
+    rows = load(tmp_path, "train")
+    for qtype in ("pitch", "beeps"):
+        typed = [r for r in rows if r["question_type"] == qtype]
+        clips = {r["audio"] for r in typed}
+        assert len(typed) == 57 and len(clips) == 9 - 9 % len(QUESTIONS[qtype][1])  # 15 rows are multi-turn
+        assert {r["conversations"][1]["value"] for r in typed} == {f"{c}." for c in QUESTIONS[qtype][1]}
+    check_rows(tmp_path, [r for r in rows if "audio" in r])
+    assert len(list((tmp_path / "audio").glob("train_*.wav"))) == 8 + 9
