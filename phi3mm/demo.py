@@ -38,13 +38,14 @@ DEMO = {
     "stage2": {"epochs": 5, "lr": 1e-3, "projector_lr": 1e-3, "lora_r": 32, "lora_alpha": 64},
     "batch_size": 16,
     "train_vision_tower": True,
-    "clips_per_type": 600,
+    "vision": {"image_size": 64, "patch_size": 16, "hidden_size": None, "layers": None},
+    "clips_per_type": 400,
     # Spoken questions: each of the 9 wordings spoken `takes` times in training voices (a voice,
     # rate, pitch and noise drawn per clip), `eval_takes` times in held-out ones.
-    "spoken": {"takes": 40, "eval_takes": 12, "n_train": 900, "n_eval": 180, "epochs": 3, "lr": 1e-3},
+    "spoken": {"takes": 40, "eval_takes": 12, "n_train": 900, "n_eval": 180, "epochs": 3, "lr": 1e-3, "batch_size": 16},
 }
 QUICK = {**DEMO, "n_train": 400, "n_eval": 60, "clips_per_type": 40, "stage2": {**DEMO["stage2"], "epochs": 2},
-         "spoken": {"takes": 2, "eval_takes": 1, "n_train": 60, "n_eval": 24, "epochs": 1, "lr": 1e-3}}
+         "spoken": {"takes": 2, "eval_takes": 1, "n_train": 60, "n_eval": 24, "epochs": 1, "lr": 1e-3, "batch_size": 16}}
 
 
 def training_args(output_dir: Path, epochs: float, lr: float, batch_size: int, seed: int) -> TrainingArguments:
@@ -68,12 +69,13 @@ def training_args(output_dir: Path, epochs: float, lr: float, batch_size: int, s
     )
 
 
-def run_demo(out_dir: str | Path = "outputs/demo", quick: bool = False, seed: int = 0) -> dict:
+def run_demo(out_dir: str | Path = "outputs/demo", quick: bool = False, seed: int = 0, settings: dict | None = None) -> dict:
+    """The whole demo; `settings` (DEMO's keys) replaces DEMO or QUICK, for experiments."""
     from phi3mm.audio_cache import build_cache as build_audio_cache
     from phi3mm.data import read_rows
     from phi3mm.training import DataArguments, ModelArguments, load_base, train
 
-    settings = QUICK if quick else DEMO
+    settings = settings or (QUICK if quick else DEMO)
     torch.set_num_threads(1)
     out_dir = Path(out_dir)
     start = time.perf_counter()
@@ -84,14 +86,21 @@ def run_demo(out_dir: str | Path = "outputs/demo", quick: bool = False, seed: in
 
     # The tiny LM and CLIP with Whisper-base's pretrained encoder as the ears. The encoder stays
     # frozen, so its output is computed once per clip (phi3mm.audio_cache) rather than every epoch.
-    tiny = ModelArguments(
-        tiny=True,
-        tiny_hidden_size=settings["hidden_size"],
-        tiny_tokenizer="real",  # Phi-3.5's own tokenizer (phi3mm.real_parts): 32,064 embedding rows
-        tiny_audio_model="real",  # openai/whisper-base (phi3mm.real_parts)
-        stage="pretrain",
+    from phi3mm.build import build_tiny_model, save_checkpoint
+    from phi3mm.real_parts import phi35_tokenizer_path, whisper_base_path
+
+    vision = settings["vision"]
+    base_model, processor = build_tiny_model(
+        out_dir / "components",
+        hidden_size=settings["hidden_size"],
+        tokenizer=phi35_tokenizer_path(),  # Phi-3.5's own tokenizer: 32,064 embedding rows
+        audio_model=whisper_base_path(),  # openai/whisper-base
+        image_size=vision["image_size"],
+        patch_size=vision["patch_size"],
+        vision_hidden_size=vision["hidden_size"],
+        vision_layers=vision["layers"],
     )
-    base_model, processor, base = load_base(tiny, out_dir / "stage1")
+    base = save_checkpoint(base_model, processor, out_dir / "base")
     cache_dir = out_dir / "audio_cache"
     torch.set_num_threads(2)  # Whisper-base's matrices do gain from the second core
     audio = build_audio_cache(base_model, processor, read_rows(data["train"]), cache_dir, data["audio_folder"],
@@ -140,7 +149,7 @@ def run_demo(out_dir: str | Path = "outputs/demo", quick: bool = False, seed: in
             ModelArguments(model_name_or_path=str(out_dir / "stage2" / "model"), stage="audio_align", tuning="lora"),
             DataArguments(data_path=data_path, max_length=512, audio_cache_dir=str(cache_dir), align_loss=loss,
                           audio_column="audio", text_column="text", **folders),  # fmt: skip
-            training_args(out_dir / f"align_{variant}", sp["epochs"], sp["lr"], settings["batch_size"], seed),
+            training_args(out_dir / f"align_{variant}", sp["epochs"], sp["lr"], sp["batch_size"], seed),
         )
 
     # The published model hears spoken questions by distillation alone.

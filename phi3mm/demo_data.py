@@ -1,103 +1,48 @@
 """python -m phi3mm.demo_data OUT_DIR [--n_train 1200] [--n_eval 300] [--seed 0]
 
-Offline demo data set: coloured shapes on white and synthetic tones/beeps, written to disk
-in LLaVA format so a demo training run goes through exactly the same loading code as a real one.
+Offline demo data set: pictures of 1-3 coloured shapes (phi3mm.demo_scenes), synthetic tones and
+beeps, and spoken questions (phi3mm.tts), written to disk in LLaVA format so a demo training run
+goes through exactly the same loading code as a real one.
 
 Layout (every media path in every json is relative to OUT_DIR, so image_folder = audio_folder = OUT_DIR):
     OUT_DIR/images/*.png  OUT_DIR/audio/*.wav  OUT_DIR/train.json  OUT_DIR/eval.json
     OUT_DIR/independent_images/*.png  OUT_DIR/independent_audio/*.wav  OUT_DIR/independent.json
+    OUT_DIR/spoken_{train,eval}/audio/*.wav  OUT_DIR/spoken_{train,eval}_images/*.png
+    OUT_DIR/{asr,spoken_train,spoken_eval,typed_eval}.json   (make_spoken_questions)
 
 Row: {"id": "train_00000", "image": "images/train_00000.png", "question_type": "color",
-      "conversations": [{"from": "human", "value": "<image>\\nWhat color is the shape?"},
+      "scene": {"background": [255, 255, 255], "shapes": [{"shape": "circle", "color": "red", ...}]},
+      "conversations": [{"from": "human", "value": "<image>\nWhat color is the circle?"},
                         {"from": "gpt", "value": "red."}]}
-Audio rows carry "audio" and "<audio>" instead; question types: color, shape, position, pitch,
-beeps, and "multi" (2-3 turns about one image, training split only).
+Sound rows carry "audio" and "<audio>" instead. Question types: color, shape, position, count,
+exists, negation (pictures), pitch, beeps (sounds), and "multi" (2-3 turns about one picture,
+training split only).
 """
+
 from __future__ import annotations
 
 import argparse
 import json
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import soundfile as sf
-from PIL import Image, ImageDraw
 
 from configuration_phi3_projector import SAMPLING_RATE
+from phi3mm import demo_scenes as scenes
+from phi3mm.demo_scenes import draw_scene, draw_scene_independent
 
 SR = SAMPLING_RATE  # the model's input rate: clips need no resampling
-COLORS = {"red": (220, 20, 20), "green": (20, 160, 40), "blue": (30, 60, 220), "yellow": (240, 200, 0)}
-# Deliberately different shades for the independent set, so it does not reuse the generator's exact RGB.
-IND_COLORS = {"red": (232, 38, 48), "green": (45, 178, 75), "blue": (55, 85, 205), "yellow": (250, 218, 45)}
-SHAPES = ("circle", "square", "triangle")
-# Shape diameter in pixels of a 64 px image. At the tiny tower's 16 px patches, shapes under 20 px
-# are mostly guessed: an independent set drawn at 18-28 px scored 90% on shape, its errors nearly
-# all under 20 px, and training on 16-30 px brought held-out shape down to 78-83%.
-SIZE_RANGE = (20, 30)
-SIDES = ("left", "right")
-# Each type is asked in a few wordings (the first is the one the app's examples use): spoken
-# questions are learned from what the text path already understands, so it must know them all.
+# The sound questions, each in a few wordings; the pictures' questions are phi3mm.demo_scenes'.
 QUESTIONS = {
-    "color": (("What color is the shape?", "Which colour is the shape?", "Tell me the color of the shape."), tuple(COLORS)),
-    "shape": (("What shape is this?", "Which shape do you see?", "What kind of shape is it?"), SHAPES),
-    "position": (("Is the shape on the left or the right?", "Which side is the shape on?",
-                  "Where is the shape, left or right?"), SIDES),  # fmt: skip
     "pitch": (("Is the tone high or low?", "Is this a high or a low tone?"), ("high", "low")),
     "beeps": (("How many beeps are there?", "How many beeps do you hear?"), ("one", "two", "three")),
 }
-IMAGE_TYPES, AUDIO_TYPES = ("color", "shape", "position"), ("pitch", "beeps")
+IMAGE_TYPES, AUDIO_TYPES = scenes.TYPES, tuple(QUESTIONS)
+SPOKEN_TYPES = ("color", "shape", "position")  # asked of one-shape pictures, in their "alone" wordings
 PITCH_BANDS = {"low": (200.0, 400.0), "high": (1500.0, 3000.0)}
 COUNTS = {"one": 1, "two": 2, "three": 3}
 Rng = np.random.Generator
-
-
-def _box(rng: Rng, size: int, side: str, d_range: tuple[float, float]) -> tuple[int, int, int]:
-    """Diameter and top-left corner of a shape lying fully inside one half (1px margin)."""
-    lo, hi = (round(v * size / 64) for v in d_range)
-    d = int(rng.integers(lo, hi + 1))
-    half, m = size // 2, max(1, size // 64)
-    x0 = (0 if side == "left" else half) + int(rng.integers(m, half - m - d + 1))
-    return d, x0, int(rng.integers(m, size - m - d + 1))
-
-
-def _box_continuous(rng: Rng, size: int, side: str, d_range: tuple[float, float]) -> tuple[float, float, float]:
-    """As `_box`, but with sub-pixel diameter and corner, drawn uniformly."""
-    d = rng.uniform(*d_range) * size / 64
-    half, m = size / 2, max(1, size // 64)
-    x0 = (0 if side == "left" else half) + rng.uniform(m, half - m - d)
-    return d, x0, rng.uniform(m, size - m - d)
-
-
-def draw_image(rng: Rng, size: int, shape: str, color: str, side: str) -> Image.Image:
-    img = Image.new("RGB", (size, size), (255, 255, 255))
-    d, x0, y0 = _box(rng, size, side, SIZE_RANGE)
-    x1, y1, fill, draw = x0 + d - 1, y0 + d - 1, COLORS[color], ImageDraw.Draw(img)
-    if shape == "circle":
-        draw.ellipse([x0, y0, x1, y1], fill=fill)
-    elif shape == "square":
-        draw.rectangle([x0, y0, x1, y1], fill=fill)
-    else:
-        draw.polygon([(x0 + (d - 1) / 2, y0), (x0, y1), (x1, y1)], fill=fill)
-    return img
-
-
-def draw_image_independent(rng: Rng, size: int, shape: str, color: str, side: str) -> Image.Image:
-    """Numpy rasteriser with 4x supersampled anti-aliasing, jittered colour and an off-white, noisy background."""
-    d, x0, y0 = _box_continuous(rng, size, side, SIZE_RANGE)
-    ss = 4
-    ys, xs = (np.mgrid[0:size * ss, 0:size * ss] + 0.5) / ss
-    u, v = (xs - x0) / d, (ys - y0) / d  # shape-local coordinates in [0, 1]
-    if shape == "circle":
-        mask = (u - 0.5) ** 2 + (v - 0.5) ** 2 <= 0.25
-    elif shape == "square":
-        mask = (u >= 0) & (u <= 1) & (v >= 0) & (v <= 1)
-    else:
-        mask = (v <= 1) & (v >= 2 * np.abs(u - 0.5))
-    alpha = mask.reshape(size, ss, size, ss).mean(axis=(1, 3))[..., None]
-    fg = np.clip(np.array(IND_COLORS[color]) + rng.integers(-10, 11, 3), 0, 255)
-    bg = rng.integers(242, 256, 3) + rng.normal(0, 1.5, (size, size, 3))
-    return Image.fromarray(np.clip(bg * (1 - alpha) + fg * alpha, 0, 255).round().astype(np.uint8))
 
 
 # The sounds leave nothing but the sound to answer by: any level (Whisper's log-mel is normalised
@@ -182,10 +127,20 @@ def _turn(question: str, tag: str, after: bool) -> str:
     return f"{question}\n{tag}" if after else f"{tag}\n{question}"
 
 
+def _ask_any(rng: Rng, scene: dict, qtype: str, size: int) -> tuple[str, str] | None:
+    """(question, answer) of `qtype` about `scene`, the answer whichever the scene allows."""
+    for answer in rng.permutation(scenes.ANSWERS[qtype]):
+        question = scenes.ask(rng, scene, qtype, str(answer), size)
+        if question is not None:
+            return question, str(answer)
+    return None
+
+
 def _write_split(out: Path, name: str, n: int, rng: Rng, img_dir: str, aud_dir: str, image_size: int,
-                 draw: Callable[..., Image.Image], independent: bool, multi_every: int = 0,
-                 clips_per_type: int = 0) -> list[dict]:  # fmt: skip
-    """`clips_per_type` > 0: the sound rows of each type share that many clips (each heard with
+                 independent: bool, multi_every: int = 0, clips_per_type: int = 0) -> list[dict]:  # fmt: skip
+    """Rows cycling through every question type and every answer of each; pictures drawn by
+    `demo_scenes.draw_scene`, or its independent renderer and sub-pixel scenes when `independent`.
+    `clips_per_type` > 0: the sound rows of each type share that many clips (each heard with
     other wordings and placements), so a frozen audio encoder's cache holds few; 0: one clip a row."""
     (out / img_dir).mkdir(parents=True, exist_ok=True)
     (out / aud_dir).mkdir(parents=True, exist_ok=True)
@@ -199,7 +154,8 @@ def _write_split(out: Path, name: str, n: int, rng: Rng, img_dir: str, aud_dir: 
             qtype = "multi"
         else:
             qtype, k = types[k % len(types)], k + 1
-            answer = QUESTIONS[qtype][1][seen[qtype] % len(QUESTIONS[qtype][1])]
+            classes = QUESTIONS[qtype][1] if qtype in AUDIO_TYPES else scenes.ANSWERS[qtype]
+            answer = classes[seen[qtype] % len(classes)]
             seen[qtype] += 1
         if qtype in AUDIO_TYPES:
             clip = f"{aud_dir}/{rid}.wav"
@@ -216,18 +172,21 @@ def _write_split(out: Path, name: str, n: int, rng: Rng, img_dir: str, aud_dir: 
                     {"from": "gpt", "value": f"{answer}."}]
             rows.append({"id": rid, "audio": clip, "conversations": conv, "question_type": qtype})
             continue
-        attrs = {"color": str(rng.choice(list(COLORS))), "shape": str(rng.choice(SHAPES)),
-                 "position": str(rng.choice(SIDES))}
-        if qtype != "multi":
-            attrs[qtype] = answer
-        draw(rng, image_size, attrs["shape"], attrs["color"], attrs["position"]).save(out / img_dir / f"{rid}.png")
-        asked = [qtype] if qtype != "multi" else \
-            [str(q) for q in rng.permutation(IMAGE_TYPES)[: rng.integers(2, 4)]]
-        conv = []
-        for j, q in enumerate(asked):
-            text = _wording(rng, q) if j else _turn(_wording(rng, q), "<image>", after)
-            conv += [{"from": "human", "value": text}, {"from": "gpt", "value": f"{attrs[q]}."}]
-        rows.append({"id": rid, "image": f"{img_dir}/{rid}.png", "conversations": conv, "question_type": qtype})
+        if qtype == "multi":  # one picture, 2-3 questions of different types
+            scene, conv = scenes.sample_scene(rng, image_size, continuous=independent), []
+            for q in rng.permutation(IMAGE_TYPES):
+                asked = _ask_any(rng, scene, str(q), image_size)
+                if asked and len(conv) < 6:
+                    question, reply = asked
+                    text = _turn(question, "<image>", after) if not conv else question
+                    conv += [{"from": "human", "value": text}, {"from": "gpt", "value": f"{reply}."}]
+        else:
+            scene, question = scenes.scene_and_question(rng, qtype, answer, image_size, continuous=independent)
+            conv = [{"from": "human", "value": _turn(question, "<image>", after)}, {"from": "gpt", "value": f"{answer}."}]
+        image = draw_scene_independent(scene, rng, image_size) if independent else draw_scene(scene, image_size)
+        image.save(out / img_dir / f"{rid}.png")
+        rows.append({"id": rid, "image": f"{img_dir}/{rid}.png", "conversations": conv, "question_type": qtype,
+                     "scene": scene})  # fmt: skip
     (out / f"{name}.json").write_text(json.dumps(rows, indent=1))
     return rows
 
@@ -243,9 +202,9 @@ def make_demo_dataset(out_dir: str | Path, n_train: int = 1200, n_eval: int = 30
     out = Path(out_dir)
     # Separate seed streams keep eval independent of how many train rows were drawn.
     train = _write_split(out, "train", n_train, np.random.default_rng([seed, 0]), "images", "audio",
-                         image_size, draw_image, False, multi_every=20, clips_per_type=clips_per_type)
+                         image_size, False, multi_every=20, clips_per_type=clips_per_type)
     evals = _write_split(out, "eval", n_eval, np.random.default_rng([seed, 1]), "images", "audio",
-                         image_size, draw_image, False)
+                         image_size, False)
     return {"out_dir": str(out), "image_folder": str(out), "audio_folder": str(out),
             "train": str(out / "train.json"), "eval": str(out / "eval.json"), "n_train": len(train),
             "n_eval": len(evals), "train_counts": _counts(train), "eval_counts": _counts(evals)}
@@ -255,7 +214,7 @@ def make_independent_eval(out_dir: str | Path, n: int = 300, seed: int = 1, imag
     """Media drawn/synthesised by a different method; writes independent.json (paths relative to out_dir)."""
     out = Path(out_dir)
     rows = _write_split(out, "independent", n, np.random.default_rng([seed, 7919]), "independent_images",
-                        "independent_audio", image_size, draw_image_independent, True)
+                        "independent_audio", image_size, True)
     return {"out_dir": str(out), "image_folder": str(out), "audio_folder": str(out),
             "independent": str(out / "independent.json"), "n": len(rows), "counts": _counts(rows)}
 
@@ -274,14 +233,15 @@ def training_voices() -> list[str]:
 
 
 def speak_wordings(out: Path, name: str, voices: list[str], takes: int, seed: int) -> list[dict]:
-    """Every image question's wordings spoken `takes` times each by `voices`, into out/spoken_<name>:
+    """The one-shape questions' wordings spoken `takes` times each by `voices`, into out/spoken_<name>:
     [{"audio" (relative to out), "transcript", "voice", "question_type"}]."""
     from phi3mm.data import read_rows
     from phi3mm.tts import speak_rows
 
     source = [{"id": f"{qtype}_{i}_{take}", "question_type": qtype,
                "conversations": [{"from": "human", "value": text}, {"from": "gpt", "value": "."}]}
-              for qtype in IMAGE_TYPES for i, text in enumerate(QUESTIONS[qtype][0]) for take in range(takes)]  # fmt: skip
+              for qtype in SPOKEN_TYPES for i, text in enumerate(scenes.WORDINGS[qtype]["alone"])
+              for take in range(takes)]  # fmt: skip
     folder = f"spoken_{name}"
     summary = speak_rows(source, out / folder, voices=voices, seed=seed, workers=2, log=lambda _: None)
     clips = []
@@ -296,20 +256,19 @@ def spoken_rows(out: Path, name: str, n: int, clips: list[dict], rng: Rng, image
     """`n` rows, each a new image with a spoken question about it: `<image>` and `<audio>` in the
     user turn, the clip's transcript under `transcripts`, answers cycling through every class."""
     (out / f"{name}_images").mkdir(parents=True, exist_ok=True)
-    by_type = {qtype: [clip for clip in clips if clip["question_type"] == qtype] for qtype in IMAGE_TYPES}
+    by_type = {qtype: [clip for clip in clips if clip["question_type"] == qtype] for qtype in SPOKEN_TYPES}
     rows = []
     for i in range(n):
-        qtype, j = IMAGE_TYPES[i % len(IMAGE_TYPES)], i // len(IMAGE_TYPES)
-        classes = QUESTIONS[qtype][1]
-        attrs = {"color": str(rng.choice(list(COLORS))), "shape": str(rng.choice(SHAPES)),
-                 "position": str(rng.choice(SIDES)), qtype: classes[j % len(classes)]}  # fmt: skip
+        qtype, j = SPOKEN_TYPES[i % len(SPOKEN_TYPES)], i // len(SPOKEN_TYPES)
+        answer = scenes.ANSWERS[qtype][j % len(scenes.ANSWERS[qtype])]
+        scene, _ = scenes.scene_and_question(rng, qtype, answer, image_size, n=1)  # the spoken wording asks the same
         image = f"{name}_images/{name}_{i:05d}.png"
-        draw_image(rng, image_size, attrs["shape"], attrs["color"], attrs["position"]).save(out / image)
+        draw_scene(scene, image_size).save(out / image)
         clip = by_type[qtype][int(rng.integers(len(by_type[qtype])))]
         rows.append({"id": f"{name}_{i:05d}", "image": image, "audio": clip["audio"], "transcripts": [clip["transcript"]],
-                     "voice": clip["voice"], "question_type": qtype,
+                     "voice": clip["voice"], "question_type": qtype, "scene": scene,
                      "conversations": [{"from": "human", "value": "<image>\n<audio>"},
-                                       {"from": "gpt", "value": f"{attrs[qtype]}."}]})  # fmt: skip
+                                       {"from": "gpt", "value": f"{answer}."}]})  # fmt: skip
     return rows
 
 

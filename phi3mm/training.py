@@ -52,7 +52,6 @@ class ModelArguments:
     tiny: bool = field(default=False, metadata={"help": "Build tiny random components offline (the demo, tests)."})
     tiny_hidden_size: int = field(default=64, metadata={"help": "Width of the tiny language model."})
     tiny_audio_window_seconds: int = field(default=30, metadata={"help": "Window of the tiny Whisper (30 as the real one)."})
-    tiny_audio_model: str | None = field(default=None, metadata={"help": "A pretrained Whisper as the tiny model's ears (folder or hub id; default: a tiny random one). `real` takes Whisper-base from phi3mm.real_parts."})
     tiny_tokenizer: str | None = field(default=None, metadata={"help": "Tokenizer of the tiny LM (folder or hub id; default: a small byte-level one). `real` takes Phi-3.5's from phi3mm.real_parts."})
     image_token_pooling: int | None = field(default=None, metadata={"help": "2 pools 576 image tokens to 144 (default: the checkpoint's, 1 for a new model); changes a composite checkpoint's setting for the run and the saved model."})
     audio_stack_factor: int = field(default=5, metadata={"help": "Encoder frames per audio token (50 / k tokens per second)."})
@@ -136,7 +135,6 @@ def load_base(model_args: ModelArguments, output_dir: Path):
                     hidden_size=model_args.tiny_hidden_size,
                     audio_window_seconds=model_args.tiny_audio_window_seconds,
                     tokenizer=real_part(model_args.tiny_tokenizer, "phi35_tokenizer"),
-                    audio_model=real_part(model_args.tiny_audio_model, "whisper_base"),
                     image_token_pooling=model_args.image_token_pooling or 1,
                     audio_stack_factor=model_args.audio_stack_factor,
                     with_audio=model_args.audio_model is not None,

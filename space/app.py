@@ -562,7 +562,7 @@ def pass_every_upload(textbox: gr.MultimodalTextbox) -> gr.MultimodalTextbox:
 
 EXAMPLES = [
     ("What color is the shape?", ["red_circle.png"]),
-    ("What shape is this?", ["blue_triangle.png"]),
+    ("What shape is the blue object?", ["blue_triangle.png"]),
     ("Is the tone high or low?", ["low_tone.wav"]),
     ("How many beeps are there?", ["three_beeps.wav"]),
     ("Hello! What can you do?", []),

@@ -1,7 +1,6 @@
 """Checks that every demo answer is actually true of its picture or sound, judged by simple signal analysis."""
 from __future__ import annotations
 
-import colorsys
 import json
 from pathlib import Path
 
@@ -10,6 +9,7 @@ import pytest
 import soundfile as sf
 from PIL import Image
 
+from phi3mm import demo_scenes as scenes
 from phi3mm.demo_data import QUESTIONS, main, make_demo_dataset, make_independent_eval
 
 
@@ -23,29 +23,27 @@ def load(out: Path, name: str) -> list[dict]:
     return json.loads((out / f"{name}.json").read_text())
 
 
-def analyse_image(path: Path) -> dict[str, str]:
-    img = Image.open(path)
-    assert img.mode == "RGB"
-    a = np.asarray(img, dtype=float)
-    bg = np.median(a.reshape(-1, 3), axis=0)  # the background covers most of the picture
-    diff = np.abs(a - bg).max(-1)
-    mask = diff > 0.5 * diff.max()  # drops anti-aliased edge pixels
-    ys, xs = np.nonzero(mask)
-    r, g, b = np.median(a[mask], axis=0) / 255
-    hue = colorsys.rgb_to_hsv(r, g, b)[0] * 360
-    color = "red" if hue < 20 or hue > 340 else "yellow" if 35 < hue < 70 else \
-        "green" if 90 < hue < 160 else "blue" if 200 < hue < 260 else f"hue={hue:.0f}"
-    # Fill ratio from coverage, not from a thresholded mask: a sub-pixel edge row of a square would
-    # otherwise count in its bounding box but hardly in its area. A column's width is its largest
-    # coverage, so partly covered edge columns count by the fraction covered.
-    alpha = np.clip(diff / np.median(diff[mask]), 0, 1)
-    alpha[alpha < 0.1] = 0  # background noise
-    fill = alpha.sum() / (alpha.max(0).sum() * alpha.max(1).sum())
-    shape = "square" if fill > 0.9 else "circle" if 0.68 < fill <= 0.9 else "triangle" if fill < 0.65 else f"{fill=}"
-    half = a.shape[1] / 2
-    side = "left" if xs.max() < half else "right" if xs.min() >= half else "straddles"
-    assert (side == "left") == (xs.mean() < half)
-    return {"color": color, "shape": shape, "position": side}
+def check_picture(path: Path, scene: dict, independent: bool) -> int:
+    """The picture shows the scene: each shape's colour inside it (its shade in the independent
+    set), the background's outside every shape; shapes apart and inside the canvas."""
+    a = np.asarray(Image.open(path), dtype=float)
+    size = a.shape[0]
+    assert Image.open(path).mode == "RGB" and a.shape == (size, size, 3)
+    palette = scenes.IND_COLORS if independent else scenes.COLORS
+    tolerance = 20 if independent else 0
+    for s in scene["shapes"]:
+        assert 8 * size / 64 - 0.5 <= s["d"] <= 48 * size / 64 + 0.5
+        assert 0 < s["x0"] and s["x0"] + s["d"] < size and 0 < s["y0"] and s["y0"] + s["d"] < size
+        inside = (int(s["y0"] + 0.7 * s["d"]), int(s["x0"] + 0.5 * s["d"]))  # inside a circle, square and triangle
+        assert np.abs(a[inside] - palette[s["color"]]).max() <= tolerance, (path, s)
+    covered = np.zeros((size, size), bool)
+    for s in scene["shapes"]:
+        covered[int(s["y0"]) - 1 : int(s["y0"] + s["d"]) + 2, int(s["x0"]) - 1 : int(s["x0"] + s["d"]) + 2] = True
+    background = a[~covered]
+    assert np.abs(background - scene["background"]).max() <= (12 if independent else 0)
+    kinds, colours = [s["shape"] for s in scene["shapes"]], [s["color"] for s in scene["shapes"]]
+    assert len(set(kinds)) == len(kinds) and len(set(colours)) == len(colours)
+    return size
 
 
 def analyse_audio(path: Path, qtype: str) -> str:
@@ -75,13 +73,18 @@ def check_rows(out: Path, rows: list[dict]) -> None:
         assert [t["from"] for t in conv] == ["human", "gpt"] * (len(conv) // 2)
         tag = "<image>" if "image" in row else "<audio>"
         assert conv[0]["value"].count(tag) == 1 and all(tag not in t["value"] for t in conv[1:])
+        if tag == "<image>":
+            size = check_picture(out / row["image"], row["scene"], row["image"].startswith("independent"))
         for q, a in zip(conv[::2], conv[1::2]):
             assert a["value"].endswith(".") and " " not in a["value"]
-            qtype = next(k for k, (texts, _) in QUESTIONS.items() if q["value"].replace(tag, "").strip() in texts)
-            assert row["question_type"] in (qtype, "multi")
-            got = analyse_image(out / row["image"])[qtype] if tag == "<image>" else \
-                analyse_audio(out / row["audio"], qtype)
-            assert a["value"] == f"{got}.", (row["id"], a["value"], got)
+            question = q["value"].replace(tag, "").strip()
+            if tag == "<image>":
+                got = scenes.true_answer(row["scene"], question, size)
+            else:
+                qtype = next(k for k, (texts, _) in QUESTIONS.items() if question in texts)
+                assert row["question_type"] == qtype
+                got = analyse_audio(out / row["audio"], qtype)
+            assert a["value"] == f"{got}.", (row["id"], question, a["value"], got)
 
 
 @pytest.mark.parametrize("split", ["train", "eval", "independent"])
@@ -94,8 +97,13 @@ def test_answers_match_media(data: tuple[Path, dict, dict], split: str) -> None:
 def test_every_class_and_layout_appears(data: tuple[Path, dict, dict], split: str) -> None:
     rows = load(data[0], split)
     answers = {(r["question_type"], r["conversations"][1]["value"]) for r in rows}
-    for qtype, (_, classes) in QUESTIONS.items():
+    for qtype, classes in {**{k: v for k, (_, v) in QUESTIONS.items()}, **scenes.ANSWERS}.items():
         assert {(qtype, f"{c}.") for c in classes} <= answers
+    # 1, 2 and 3 shapes, on white and on tints, and every wording of the counting question
+    assert {len(r["scene"]["shapes"]) for r in rows if "scene" in r} == {1, 2, 3}
+    assert len({tuple(r["scene"]["background"]) for r in rows if "scene" in r}) > 10
+    firsts = {r["conversations"][0]["value"].replace("<image>", "").strip() for r in rows if r["question_type"] == "count"}
+    assert firsts == set(scenes.WORDINGS["count"]["any"])
     firsts = [r["conversations"][0]["value"] for r in rows]
     assert any(v.startswith("<") for v in firsts) and any(v.endswith(">") for v in firsts)
     assert any(v.endswith("<audio>") for v in firsts) and any(v.endswith("<image>") for v in firsts)
@@ -110,7 +118,7 @@ def test_splits_share_no_files(data: tuple[Path, dict, dict]) -> None:
         assert all((out / p).is_file() for p in paths)
     assert {p.split("/")[0] for p in media["independent"]} == {"independent_images", "independent_audio"}
     assert (info["n_train"], info["n_eval"], ind["n"]) == (200, 100, 100)
-    assert sum(info["train_counts"].values()) == 200 and set(ind["counts"]) == set(QUESTIONS)
+    assert sum(info["train_counts"].values()) == 200 and set(ind["counts"]) == set(QUESTIONS) | set(scenes.TYPES)
 
 
 def test_deterministic_and_image_size(tmp_path: Path) -> None:
@@ -138,7 +146,29 @@ def test_shared_clip_pool(tmp_path: Path) -> None:
     for qtype in ("pitch", "beeps"):
         typed = [r for r in rows if r["question_type"] == qtype]
         clips = {r["audio"] for r in typed}
-        assert len(typed) == 57 and len(clips) == 9 - 9 % len(QUESTIONS[qtype][1])  # 15 rows are multi-turn
+        assert len(typed) in (35, 36) and len(clips) == 9 - 9 % len(QUESTIONS[qtype][1])  # 285 single-question rows, 8 types
         assert {r["conversations"][1]["value"] for r in typed} == {f"{c}." for c in QUESTIONS[qtype][1]}
     check_rows(tmp_path, [r for r in rows if "audio" in r])
     assert len(list((tmp_path / "audio").glob("train_*.wav"))) == 8 + 9
+
+
+def test_spoken_questions_split_voices_and_mirror_typed_rows(tmp_path: Path) -> None:
+    """Spoken questions: held-out voices never in training, each clip saying one of its type's
+    one-shape wordings, answers true of the picture, and the typed rows the same questions."""
+    from phi3mm.demo_data import HELD_OUT_VOICES, SPOKEN_TYPES, make_spoken_questions
+
+    info = make_spoken_questions(tmp_path, n_train=12, n_eval=9, takes=1, eval_takes=1, seed=4)
+    assert set(info["eval_voices"]) <= set(HELD_OUT_VOICES) and not set(info["eval_voices"]) & set(info["train_voices"])
+    spoken, typed_rows = load(tmp_path, "spoken_eval"), load(tmp_path, "typed_eval")
+    assert len(spoken) == len(typed_rows) == 9 and {r["question_type"] for r in spoken} == set(SPOKEN_TYPES)
+    for row in spoken + load(tmp_path, "spoken_train"):
+        assert row["transcripts"][0] in scenes.WORDINGS[row["question_type"]]["alone"]
+        assert row["conversations"][0]["value"] == "<image>\n<audio>" and len(row["scene"]["shapes"]) == 1
+        check_picture(tmp_path / row["image"], row["scene"], independent=False)
+        answer = scenes.true_answer(row["scene"], row["transcripts"][0])
+        assert row["conversations"][1]["value"] == f"{answer}."
+        assert sf.info(str(tmp_path / row["audio"])).duration > 0.5
+    for row, typed_row in zip(spoken, typed_rows):
+        assert "audio" not in typed_row and typed_row["conversations"][0]["value"] == f"<image>\n{row['transcripts'][0]}"
+    asr = load(tmp_path, "asr")
+    assert len(asr) == info["train_clips"] == 9 and all(r["voice"] in info["train_voices"] for r in asr)

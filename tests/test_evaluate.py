@@ -180,7 +180,7 @@ def test_blank_media_sends_white_images_and_silence(tiny, demo, monkeypatch):
     spy_audio = lambda clips, rate=None: seen["audio"].extend(clips) or process_audio(clips, rate)  # noqa: E731
     monkeypatch.setattr(processor, "process_images", spy_images)
     monkeypatch.setattr(processor, "process_audio", spy_audio)
-    model = ScriptedModel(processor, {"?": "red"})
+    model = ScriptedModel(processor, {"": "red"})  # any prompt
     folders = demo["image_folder"], demo["audio_folder"]
     result = evaluate(model, processor, rows, *folders, blank_media=True, progress=False)
     assert result["n"] == len(rows)
@@ -191,6 +191,15 @@ def test_blank_media_sends_white_images_and_silence(tiny, demo, monkeypatch):
     pixels = torch.cat([call["pixel_values"] for call in model.calls])
     # White normalised per channel: one value per channel across every image, so no picture left.
     assert torch.equal(pixels.amin(dim=(0, 2, 3)), pixels.amax(dim=(0, 2, 3)))
+
+    # One kind only: a spoken question's clip silenced, its image kept (and the other way round).
+    for blank, silent_audio, white_images in (("audio", True, False), ("image", False, True)):
+        seen["images"].clear(), seen["audio"].clear()
+        evaluate(model, processor, rows, *folders, blank_media=blank, progress=False)
+        assert all((np.asarray(image).min() == 255) == white_images for image in seen["images"])
+        assert all((not clip.any()) == silent_audio for clip in seen["audio"])
+    with pytest.raises(ValueError, match="blank_media must be one of"):
+        evaluate(model, processor, rows, *folders, blank_media="video", progress=False)
 
 
 def test_tiny_model_runs_batched_over_the_demo_eval_set(tiny, demo):
