@@ -1,4 +1,4 @@
-"""python -m phi3mm.demo_data OUT_DIR [--n_train 1200] [--n_eval 300] [--seed 0]
+"""python -m phi3mm.demo_data OUT_DIR [--n_train 1200] [--n_eval 300] [--seed 0] [--pictures wide|simple]
 
 Offline demo data set: pictures of 1-3 coloured shapes (phi3mm.demo_scenes), synthetic tones and
 beeps, and spoken questions (phi3mm.tts), written to disk in LLaVA format so a demo training run
@@ -38,7 +38,7 @@ QUESTIONS = {
     "pitch": (("Is the tone high or low?", "Is this a high or a low tone?"), ("high", "low")),
     "beeps": (("How many beeps are there?", "How many beeps do you hear?"), ("one", "two", "three")),
 }
-IMAGE_TYPES, AUDIO_TYPES = scenes.TYPES, tuple(QUESTIONS)
+AUDIO_TYPES = tuple(QUESTIONS)
 SPOKEN_TYPES = ("color", "shape", "position")  # asked of one-shape pictures, in their "alone" wordings
 PITCH_BANDS = {"low": (200.0, 400.0), "high": (1500.0, 3000.0)}
 COUNTS = {"one": 1, "two": 2, "three": 3}
@@ -75,7 +75,7 @@ def synth_tone(rng: Rng, pitch: str, independent: bool = False) -> np.ndarray:
     if not independent:
         lead = int(rng.uniform(0, min(0.5, seconds - 0.4)) * SR)  # the tone may start late
         t = np.arange(int(seconds * SR) - lead) / SR
-        return np.concatenate([np.zeros(lead), _level(rng) * _wave(_harmonics(rng), 2 * np.pi * f * t)])
+        return _maybe_noise(rng, np.concatenate([np.zeros(lead), _level(rng) * _wave(_harmonics(rng), 2 * np.pi * f * t)]))
     # Another recipe: a random phase, a fixed weak 2nd harmonic, a slow vibrato of a few Hz, faded
     # ends, a noise floor, and a silent lead-in of up to 0.3 s.
     t = np.arange(int(seconds * SR)) / SR
@@ -107,7 +107,17 @@ def synth_beeps(rng: Rng, n: int, independent: bool = False) -> np.ndarray:
     x = np.concatenate(parts)
     total = int(rng.uniform(max(0.5, x.size / SR + 0.05), MAX_CLIP_SECONDS) * SR)
     x = np.pad(x, (0, max(0, total - x.size)))
-    return x + rng.normal(0, 0.01 * amp, x.size) if independent else x
+    return x + rng.normal(0, 0.01 * amp, x.size) if independent else _maybe_noise(rng, x)
+
+
+def _maybe_noise(rng: Rng, x: np.ndarray) -> np.ndarray:
+    """Half the training clips get white noise 20-50 dB under their peak: without any, the silence
+    between beeps is digital zero, and an independent set with a noise floor lost 50 points."""
+    if rng.random() < 0.5:
+        return x
+    peak = np.abs(x).max()
+    noisy = x + rng.normal(0, peak * 10 ** (-rng.uniform(20, 50) / 20), x.size)
+    return noisy * peak / np.abs(noisy).max()  # the level drawn stays the clip's peak
 
 
 def _fade(x: np.ndarray, n: int) -> np.ndarray:
@@ -127,24 +137,25 @@ def _turn(question: str, tag: str, after: bool) -> str:
     return f"{question}\n{tag}" if after else f"{tag}\n{question}"
 
 
-def _ask_any(rng: Rng, scene: dict, qtype: str, size: int) -> tuple[str, str] | None:
+def _ask_any(rng: Rng, scene: dict, qtype: str, size: int, family: scenes.Family) -> tuple[str, str] | None:
     """(question, answer) of `qtype` about `scene`, the answer whichever the scene allows."""
-    for answer in rng.permutation(scenes.ANSWERS[qtype]):
-        question = scenes.ask(rng, scene, qtype, str(answer), size)
+    for answer in rng.permutation(family.answers(qtype)):
+        question = scenes.ask(rng, scene, qtype, str(answer), size, family)
         if question is not None:
             return question, str(answer)
     return None
 
 
 def _write_split(out: Path, name: str, n: int, rng: Rng, img_dir: str, aud_dir: str, image_size: int,
-                 independent: bool, multi_every: int = 0, clips_per_type: int = 0) -> list[dict]:  # fmt: skip
+                 independent: bool, multi_every: int = 0, clips_per_type: int = 0,
+                 family: scenes.Family = scenes.FAMILIES["wide"]) -> list[dict]:  # fmt: skip
     """Rows cycling through every question type and every answer of each; pictures drawn by
     `demo_scenes.draw_scene`, or its independent renderer and sub-pixel scenes when `independent`.
     `clips_per_type` > 0: the sound rows of each type share that many clips (each heard with
     other wordings and placements), so a frozen audio encoder's cache holds few; 0: one clip a row."""
     (out / img_dir).mkdir(parents=True, exist_ok=True)
     (out / aud_dir).mkdir(parents=True, exist_ok=True)
-    types = IMAGE_TYPES + AUDIO_TYPES
+    types = family.types + AUDIO_TYPES
     seen = {q: 0 for q in types}  # per-type counter: answers cycle so every class appears
     rows, k, written = [], 0, set()
     for i in range(n):
@@ -154,7 +165,7 @@ def _write_split(out: Path, name: str, n: int, rng: Rng, img_dir: str, aud_dir: 
             qtype = "multi"
         else:
             qtype, k = types[k % len(types)], k + 1
-            classes = QUESTIONS[qtype][1] if qtype in AUDIO_TYPES else scenes.ANSWERS[qtype]
+            classes = QUESTIONS[qtype][1] if qtype in AUDIO_TYPES else family.answers(qtype)
             answer = classes[seen[qtype] % len(classes)]
             seen[qtype] += 1
         if qtype in AUDIO_TYPES:
@@ -173,15 +184,15 @@ def _write_split(out: Path, name: str, n: int, rng: Rng, img_dir: str, aud_dir: 
             rows.append({"id": rid, "audio": clip, "conversations": conv, "question_type": qtype})
             continue
         if qtype == "multi":  # one picture, 2-3 questions of different types
-            scene, conv = scenes.sample_scene(rng, image_size, continuous=independent), []
-            for q in rng.permutation(IMAGE_TYPES):
-                asked = _ask_any(rng, scene, str(q), image_size)
+            scene, conv = scenes.sample_scene(rng, image_size, continuous=independent, family=family), []
+            for q in rng.permutation(family.types):
+                asked = _ask_any(rng, scene, str(q), image_size, family)
                 if asked and len(conv) < 6:
                     question, reply = asked
                     text = _turn(question, "<image>", after) if not conv else question
                     conv += [{"from": "human", "value": text}, {"from": "gpt", "value": f"{reply}."}]
         else:
-            scene, question = scenes.scene_and_question(rng, qtype, answer, image_size, continuous=independent)
+            scene, question = scenes.scene_and_question(rng, qtype, answer, image_size, continuous=independent, family=family)
             conv = [{"from": "human", "value": _turn(question, "<image>", after)}, {"from": "gpt", "value": f"{answer}."}]
         image = draw_scene_independent(scene, rng, image_size) if independent else draw_scene(scene, image_size)
         image.save(out / img_dir / f"{rid}.png")
@@ -196,25 +207,27 @@ def _counts(rows: list[dict]) -> dict[str, int]:
 
 
 def make_demo_dataset(out_dir: str | Path, n_train: int = 1200, n_eval: int = 300, seed: int = 0,
-                      image_size: int = 64, clips_per_type: int = 0) -> dict:
+                      image_size: int = 64, clips_per_type: int = 0, pictures: str = "wide") -> dict:
     """Write train.json (with ~5% multi-turn rows) and eval.json; image_folder = audio_folder = out_dir.
-    `clips_per_type`: distinct training clips per sound type (0: one per row)."""
-    out = Path(out_dir)
+    `clips_per_type`: distinct training clips per sound type (0: one per row); `pictures`: the
+    family of pictures and questions (`demo_scenes.FAMILIES`)."""
+    out, family = Path(out_dir), scenes.FAMILIES[pictures]
     # Separate seed streams keep eval independent of how many train rows were drawn.
     train = _write_split(out, "train", n_train, np.random.default_rng([seed, 0]), "images", "audio",
-                         image_size, False, multi_every=20, clips_per_type=clips_per_type)
+                         image_size, False, multi_every=20, clips_per_type=clips_per_type, family=family)
     evals = _write_split(out, "eval", n_eval, np.random.default_rng([seed, 1]), "images", "audio",
-                         image_size, False)
+                         image_size, False, family=family)
     return {"out_dir": str(out), "image_folder": str(out), "audio_folder": str(out),
             "train": str(out / "train.json"), "eval": str(out / "eval.json"), "n_train": len(train),
             "n_eval": len(evals), "train_counts": _counts(train), "eval_counts": _counts(evals)}
 
 
-def make_independent_eval(out_dir: str | Path, n: int = 300, seed: int = 1, image_size: int = 64) -> dict:
+def make_independent_eval(out_dir: str | Path, n: int = 300, seed: int = 1, image_size: int = 64,
+                          pictures: str = "wide") -> dict:  # fmt: skip
     """Media drawn/synthesised by a different method; writes independent.json (paths relative to out_dir)."""
     out = Path(out_dir)
     rows = _write_split(out, "independent", n, np.random.default_rng([seed, 7919]), "independent_images",
-                        "independent_audio", image_size, True)
+                        "independent_audio", image_size, True, family=scenes.FAMILIES[pictures])
     return {"out_dir": str(out), "image_folder": str(out), "audio_folder": str(out),
             "independent": str(out / "independent.json"), "n": len(rows), "counts": _counts(rows)}
 
@@ -232,7 +245,8 @@ def training_voices() -> list[str]:
     return [voice for voice in every if voice not in HELD_OUT_VOICES]
 
 
-def speak_wordings(out: Path, name: str, voices: list[str], takes: int, seed: int) -> list[dict]:
+def speak_wordings(out: Path, name: str, voices: list[str], takes: int, seed: int,
+                   family: scenes.Family = scenes.FAMILIES["wide"]) -> list[dict]:  # fmt: skip
     """The one-shape questions' wordings spoken `takes` times each by `voices`, into out/spoken_<name>:
     [{"audio" (relative to out), "transcript", "voice", "question_type"}]."""
     from phi3mm.data import read_rows
@@ -240,7 +254,7 @@ def speak_wordings(out: Path, name: str, voices: list[str], takes: int, seed: in
 
     source = [{"id": f"{qtype}_{i}_{take}", "question_type": qtype,
                "conversations": [{"from": "human", "value": text}, {"from": "gpt", "value": "."}]}
-              for qtype in SPOKEN_TYPES for i, text in enumerate(scenes.WORDINGS[qtype]["alone"])
+              for qtype in SPOKEN_TYPES for i, text in enumerate(family.wording(qtype, "alone"))
               for take in range(takes)]  # fmt: skip
     folder = f"spoken_{name}"
     summary = speak_rows(source, out / folder, voices=voices, seed=seed, workers=2, log=lambda _: None)
@@ -252,7 +266,8 @@ def speak_wordings(out: Path, name: str, voices: list[str], takes: int, seed: in
     return clips
 
 
-def spoken_rows(out: Path, name: str, n: int, clips: list[dict], rng: Rng, image_size: int = 64) -> list[dict]:
+def spoken_rows(out: Path, name: str, n: int, clips: list[dict], rng: Rng, image_size: int = 64,
+                family: scenes.Family = scenes.FAMILIES["wide"]) -> list[dict]:  # fmt: skip
     """`n` rows, each a new image with a spoken question about it: `<image>` and `<audio>` in the
     user turn, the clip's transcript under `transcripts`, answers cycling through every class."""
     (out / f"{name}_images").mkdir(parents=True, exist_ok=True)
@@ -260,8 +275,9 @@ def spoken_rows(out: Path, name: str, n: int, clips: list[dict], rng: Rng, image
     rows = []
     for i in range(n):
         qtype, j = SPOKEN_TYPES[i % len(SPOKEN_TYPES)], i // len(SPOKEN_TYPES)
-        answer = scenes.ANSWERS[qtype][j % len(scenes.ANSWERS[qtype])]
-        scene, _ = scenes.scene_and_question(rng, qtype, answer, image_size, n=1)  # the spoken wording asks the same
+        classes = family.answers(qtype)
+        scene, _ = scenes.scene_and_question(rng, qtype, classes[j % len(classes)], image_size, n=1, family=family)
+        answer = classes[j % len(classes)]  # the spoken wording asks the one shape the same
         image = f"{name}_images/{name}_{i:05d}.png"
         draw_scene(scene, image_size).save(out / image)
         clip = by_type[qtype][int(rng.integers(len(by_type[qtype])))]
@@ -280,19 +296,20 @@ def typed(rows: list[dict]) -> list[dict]:
 
 
 def make_spoken_questions(out_dir: str | Path, n_train: int = 900, n_eval: int = 180, takes: int = 40,
-                          eval_takes: int = 12, seed: int = 0, image_size: int = 64) -> dict:  # fmt: skip
+                          eval_takes: int = 12, seed: int = 0, image_size: int = 64, pictures: str = "wide") -> dict:  # fmt: skip
     """Spoken questions about new images, in training voices and in held-out ones; writes
     asr.json (bare clips and transcripts, training voices: the distillation data),
     spoken_train.json (image + spoken question rows, training voices: the supervised data),
     spoken_eval.json (held-out voices) and typed_eval.json (the same rows, typed)."""
     out = Path(out_dir)
-    train_clips = speak_wordings(out, "train", training_voices(), takes, seed)
-    eval_clips = speak_wordings(out, "eval", list(HELD_OUT_VOICES), eval_takes, seed + 1)
+    family = scenes.FAMILIES[pictures]
+    train_clips = speak_wordings(out, "train", training_voices(), takes, seed, family)
+    eval_clips = speak_wordings(out, "eval", list(HELD_OUT_VOICES), eval_takes, seed + 1, family)
     paths = {}
     asr = [{"id": f"asr_{i:05d}", "audio": clip["audio"], "text": clip["transcript"], "voice": clip["voice"]}
            for i, clip in enumerate(train_clips)]  # fmt: skip
-    train = spoken_rows(out, "spoken_train", n_train, train_clips, np.random.default_rng([seed, 11]), image_size)
-    evals = spoken_rows(out, "spoken_eval", n_eval, eval_clips, np.random.default_rng([seed, 12]), image_size)
+    train = spoken_rows(out, "spoken_train", n_train, train_clips, np.random.default_rng([seed, 11]), image_size, family)
+    evals = spoken_rows(out, "spoken_eval", n_eval, eval_clips, np.random.default_rng([seed, 12]), image_size, family)
     for name, rows in (("asr", asr), ("spoken_train", train), ("spoken_eval", evals), ("typed_eval", typed(evals))):
         paths[name] = str(out / f"{name}.json")
         Path(paths[name]).write_text(json.dumps(rows, indent=1))
@@ -309,9 +326,10 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--n_independent", type=int, default=300)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--image_size", type=int, default=64)
+    p.add_argument("--pictures", default="wide", choices=sorted(scenes.FAMILIES), help="family of pictures and questions")
     a = p.parse_args(argv)
-    info = make_demo_dataset(a.out_dir, a.n_train, a.n_eval, a.seed, a.image_size)
-    info["independent"] = make_independent_eval(a.out_dir, a.n_independent, a.seed + 1, a.image_size)
+    info = make_demo_dataset(a.out_dir, a.n_train, a.n_eval, a.seed, a.image_size, pictures=a.pictures)
+    info["independent"] = make_independent_eval(a.out_dir, a.n_independent, a.seed + 1, a.image_size, a.pictures)
     print(json.dumps(info, indent=1))
 
 

@@ -24,7 +24,7 @@ def test_quick_demo_reports_every_figure(report):
     spoken = result["spoken"]
     assert set(spoken["held_out_voices"]) <= set(HELD_OUT_VOICES)
     assert not set(spoken["held_out_voices"]) & set(spoken["train_voices"])
-    for variant in ("distillation", "supervised"):
+    for variant in ("distillation", "distillation_asr_only", "supervised"):
         assert spoken[variant]["spoken"]["n"] == spoken["typed"]["n"] == result["settings"]["spoken"]["n_eval"]
         assert spoken[variant]["audio_silenced"]["n"] == spoken["typed"]["n"]
         assert spoken[variant]["steps"] > 0
