@@ -332,7 +332,9 @@ def test_merge_dequantizes_weights_bitsandbytes_repacked_for_cpu_inference(base,
     args = ModelArguments(model_name_or_path=str(base), stage="finetune", tuning="qlora", bnb_compute_dtype="float32")
     quantized = Phi3ProjectorForConditionalGeneration.from_pretrained(base, quantization_config=quantization_config(args))
     processor = MultimodalProcessor.from_pretrained(base, trust_remote_code=True)
-    dataset = LlavaDataset(read_rows(demo / "eval.json")[:4], processor, demo, demo)
+    rows = read_rows(demo / "eval.json")
+    rows = [r for r in rows if "image" in r][:2] + [r for r in rows if "audio" in r][:2]  # both towers run
+    dataset = LlavaDataset(rows, processor, demo, demo)
     batch = MultimodalCollator(processor.tokenizer.pad_token_id)([dataset[i] for i in range(len(dataset))])
     batch.pop("labels")
     reference = Phi3ProjectorForConditionalGeneration.from_pretrained(base, dtype=torch.float32).eval()
@@ -368,7 +370,9 @@ def test_every_trainable_parameter_gets_a_gradient_when_the_vision_tower_trains(
         base, quantization_config=quantization_config(args) if quantize else None, dtype=torch.float32)
     model = prepare_for_training(model, args, TrainingArguments(output_dir="unused", report_to="none"))
     processor = MultimodalProcessor.from_pretrained(base, trust_remote_code=True)
-    dataset = LlavaDataset(read_rows(demo / "eval.json")[:4], processor, demo, demo)
+    rows = read_rows(demo / "eval.json")
+    rows = [r for r in rows if "image" in r][:2] + [r for r in rows if "audio" in r][:2]  # both towers run
+    dataset = LlavaDataset(rows, processor, demo, demo)
     batch = MultimodalCollator(processor.tokenizer.pad_token_id)([dataset[i] for i in range(len(dataset))])
     model(**batch).loss.backward()
     trainable = {name: p for name, p in model.named_parameters() if p.requires_grad}
