@@ -18,7 +18,7 @@ Clips given in the rows as bytes or arrays have no name to key them: such rows n
 
 from __future__ import annotations
 
-import argparse
+import functools
 import json
 from pathlib import Path
 
@@ -28,7 +28,16 @@ from tqdm.auto import tqdm
 
 from configuration_phi3_projector import SAMPLING_RATE
 from phi3mm.data import media_paths, read_rows
-from phi3mm.feature_cache import DTYPES, FeatureCache, format_summary as _format, module_fingerprint, owner, summarize
+from phi3mm.feature_cache import (
+    FeatureCache,
+    MediaFiles,
+    command_line,
+    load_tower_model,
+    module_fingerprint,  # fmt: skip
+    owner,
+    summarize,
+)
+from phi3mm.feature_cache import format_summary as _format
 
 BUILD_FIELDS = ("d_model", "encoder_layers", "num_mel_bins", "max_source_positions", "audio_real_length",
                 "audio_stack_factor", "fingerprint", "feature_extractor", "dtype")  # fmt: skip
@@ -74,7 +83,7 @@ class AudioFeatureCache(FeatureCache):
         self.write(name, {"states": states.to(self.dtype), "mel_lengths": mel_lengths.long()})
 
     @classmethod
-    def create(cls, cache_dir, model, processor, dtype: str = "float16", source: str = "") -> "AudioFeatureCache":
+    def create(cls, cache_dir, model, processor, dtype: str = "float16", source: str = "") -> AudioFeatureCache:
         settings = processor.feature_extractor.to_dict()
         settings = {k: v for k, v in settings.items() if k not in ("auto_map", "processor_class", "mel_filters")}
         meta = {
@@ -87,36 +96,14 @@ class AudioFeatureCache(FeatureCache):
         return super().create(cache_dir, meta, BUILD_FIELDS)
 
 
-class _Clips(torch.utils.data.Dataset):
-    """(name, (input_features, mask) or None, error or None) per clip; decoded in loader workers."""
-
-    def __init__(self, names: list[str], audio_folder, processor):
-        self.names, self.folder, self.processor = names, Path(audio_folder) if audio_folder else None, processor
-
-    def __len__(self) -> int:
-        return len(self.names)
-
-    def __getitem__(self, index: int):
-        name = self.names[index]
-        path = self.folder / name if self.folder else Path(name)
-        if not path.is_file():
-            return name, None, "missing"
-        try:
-            features, mask, _ = self.processor.process_audio([path], SAMPLING_RATE)
-            return name, (features, mask), None
-        except Exception as error:  # noqa: BLE001 - any clip that cannot be decoded is listed, not fatal
-            return name, None, f"unreadable: {error}"
-
-
 def load_audio_model(model_path, device: str = "cpu", dtype: torch.dtype = torch.float32):
     """(Phi3ProjectorModel with only its audio tower kept, processor) from a composite checkpoint."""
-    from modeling_phi3_projector import Phi3ProjectorForConditionalGeneration
-    from processing_multimodal import MultimodalProcessor
+    return load_tower_model(model_path, device, dtype, keep="audio_tower")
 
-    inner = Phi3ProjectorForConditionalGeneration.from_pretrained(model_path, dtype=dtype).model
-    inner.language_model = inner.vision_tower = None  # free what the features do not need
-    processor = MultimodalProcessor.from_pretrained(model_path, trust_remote_code=True)
-    return inner.to(device).eval(), processor
+
+def _features(processor, path):
+    features, mask, _ = processor.process_audio([path], SAMPLING_RATE)
+    return features, mask
 
 
 def clip_names(rows: list[dict]) -> list[str]:
@@ -138,7 +125,8 @@ def build_cache(model, processor, data_path, cache_dir, audio_folder=None, batch
     lengths = {name: _duration(Path(audio_folder or "") / name) for name in todo}
     todo.sort(key=lambda name: lengths[name])
     loader = torch.utils.data.DataLoader(
-        _Clips(todo, audio_folder, processor), batch_size=batch_size, num_workers=num_workers, collate_fn=list
+        MediaFiles(todo, audio_folder, functools.partial(_features, processor)),
+        batch_size=batch_size, num_workers=num_workers, collate_fn=list,
     )
     failed, computed = {}, 0
     with tqdm(total=len(todo), unit="clip", desc="audio features") as bar, torch.inference_mode():
@@ -174,22 +162,8 @@ def format_summary(summary: dict, limit: int = 20) -> str:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description="Precompute Whisper encoder output of the clips of LLaVA-format rows.")
-    parser.add_argument("--model", required=True, help="composite checkpoint folder")
-    parser.add_argument("--data_path", required=True, help="LLaVA rows: JSON list, JSON Lines or a saved dataset")
-    parser.add_argument("--audio_folder", default=None, help="folder the rows' audio paths are relative to")
-    parser.add_argument("--cache_dir", required=True)
-    parser.add_argument("--batch_size", type=int, default=16)
-    parser.add_argument("--dtype", default="float16", choices=sorted(DTYPES), help="storage dtype")
-    parser.add_argument("--tower_dtype", default="float32", choices=sorted(DTYPES), help="dtype the encoder runs in")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--num_workers", type=int, default=0, help="audio-decoding worker processes")
-    args = parser.parse_args(argv)
-    model, processor = load_audio_model(args.model, args.device, DTYPES[args.tower_dtype])
-    summary = build_cache(model, processor, args.data_path, args.cache_dir, args.audio_folder, args.batch_size,
-                          args.dtype, args.num_workers, source=args.model)  # fmt: skip
-    print(format_summary(summary))
-    return summary
+    return command_line(argv, "Precompute Whisper encoder output of the clips of LLaVA-format rows.", "audio", 16,
+                        load_audio_model, build_cache, format_summary)  # fmt: skip
 
 
 __all__ = ["AudioFeatureCache", "build_cache", "clip_names", "config_signature", "load_audio_model", "main", "tower_fingerprint"]

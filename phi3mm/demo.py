@@ -77,9 +77,9 @@ def training_args(output_dir: Path, epochs: float, lr: float, batch_size: int, s
 
 def run_demo(out_dir: str | Path = "outputs/demo", quick: bool = False, seed: int = 0, settings: dict | None = None) -> dict:
     """The whole demo; `settings` (DEMO's keys) replaces DEMO or QUICK, for experiments."""
-    from phi3mm.audio_cache import build_cache as build_audio_cache
+    from phi3mm.audio_cache import build_cache as build_audio_cache, load_audio_model
     from phi3mm.data import read_rows
-    from phi3mm.training import DataArguments, ModelArguments, load_base, train
+    from phi3mm.training import DataArguments, ModelArguments, train
 
     settings = settings or (QUICK if quick else DEMO)
     torch.set_num_threads(1)
@@ -157,8 +157,7 @@ def run_demo(out_dir: str | Path = "outputs/demo", quick: bool = False, seed: in
     spoken = make_spoken_questions(data["out_dir"], n_train=sp["n_train"], n_eval=sp["n_eval"], takes=sp["takes"],
                                    eval_takes=sp["eval_takes"], seed=seed, pictures=pictures)  # fmt: skip
     phase("spoken questions (TTS)")
-    stage2_model = ModelArguments(model_name_or_path=str(out_dir / "stage2" / "model"), stage="pretrain")
-    base_model, processor, _ = load_base(stage2_model, out_dir)
+    base_model, processor = load_audio_model(out_dir / "stage2" / "model")  # only Whisper is needed here
     torch.set_num_threads(2)
     spoken_cache = [build_audio_cache(base_model, processor, read_rows(spoken[name]), cache_dir, data["audio_folder"],
                                       batch_size=8, dtype="float32") for name in ("asr", "spoken_train")]  # fmt: skip

@@ -313,7 +313,7 @@ def make_spoken_questions(out_dir: str | Path, n_train: int = 900, n_eval: int =
     for name, rows in (("asr", asr), ("spoken_train", train), ("spoken_eval", evals), ("typed_eval", typed(evals))):
         paths[name] = str(out / f"{name}.json")
         Path(paths[name]).write_text(json.dumps(rows, indent=1))
-    voices = lambda clips: sorted({clip["voice"] for clip in clips})  # noqa: E731
+    voices = lambda clips: sorted({clip["voice"] for clip in clips})
     return {**paths, "train_voices": voices(train_clips), "eval_voices": voices(eval_clips),
             "train_clips": len(train_clips), "eval_clips": len(eval_clips)}  # fmt: skip
 

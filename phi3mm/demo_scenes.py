@@ -180,7 +180,7 @@ def ask(rng: Rng, scene: dict, qtype: str, answer: str, size: int = 64, family: 
     the scene has no such question (the caller draws another scene)."""
     shapes = scene["shapes"]
     alone = len(shapes) == 1
-    pick = lambda options: options[int(rng.integers(len(options)))]  # noqa: E731
+    pick = lambda options: options[int(rng.integers(len(options)))]
     if qtype in ("color", "shape", "position"):
         key = {"color": "color", "shape": "shape", "position": None}[qtype]
         targets = [s for s in shapes if (side_of(s, size) if key is None else s[key]) == answer]
@@ -231,7 +231,7 @@ def true_answer(scene: dict, question: str, size: int = 64) -> str:
     import re
 
     shapes, q = scene["shapes"], question.rstrip("?.")
-    named = lambda word: [s for s in shapes if word in (s["shape"], s["color"])]  # noqa: E731
+    named = lambda word: [s for s in shapes if word in (s["shape"], s["color"])]
     if m := re.fullmatch(r"Is the (\w+) not (\w+)", q):
         return "yes" if named(m[1])[0]["color"] != m[2] else "no"
     if m := re.fullmatch(r"Is there no (\w+)(?: shape)?", q):

@@ -13,6 +13,7 @@ modality and says what an entry holds (`validate`).
 
 from __future__ import annotations
 
+import argparse
 import hashlib
 import json
 import os
@@ -178,4 +179,59 @@ def summarize(cache_dir, total: int, todo: int, computed: int, failed: dict[str,
         "failures": failed,
     }
     write_summary(cache_dir, summary)
+    return summary
+
+
+class MediaFiles(torch.utils.data.Dataset):
+    """(name, processed inputs or None, error or None) per media file, decoded in loader workers by
+    `process(path)`; a missing or undecodable file is an error string, listed, not fatal."""
+
+    def __init__(self, names: list[str], folder, process):
+        self.names, self.folder, self.process = names, Path(folder) if folder else None, process
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+    def __getitem__(self, index: int):
+        name = self.names[index]
+        path = self.folder / name if self.folder else Path(name)
+        if not path.is_file():
+            return name, None, "missing"
+        try:
+            return name, self.process(path), None
+        except Exception as error:  # noqa: BLE001 - any file that cannot be decoded is listed, not fatal
+            return name, None, f"unreadable: {error}"
+
+
+def load_tower_model(model_path, device: str, dtype: torch.dtype, keep: str):
+    """(Phi3ProjectorModel with only its `keep` tower ("vision_tower" / "audio_tower"), processor)
+    from a composite checkpoint: the rest is freed, since the features do not need it."""
+    from modeling_phi3_projector import Phi3ProjectorForConditionalGeneration
+    from processing_multimodal import MultimodalProcessor
+
+    inner = Phi3ProjectorForConditionalGeneration.from_pretrained(model_path, dtype=dtype).model
+    inner.language_model = None
+    setattr(inner, "audio_tower" if keep == "vision_tower" else "vision_tower", None)
+    processor = MultimodalProcessor.from_pretrained(model_path, trust_remote_code=True)
+    return inner.to(device).eval(), processor
+
+
+def command_line(argv, description: str, kind: str, batch_size: int, load, build, format_summary) -> dict:
+    """The `python -m phi3mm.{vision,audio}_cache` command: `kind` is "image" or "audio" (its
+    `--<kind>_folder` flag), `load(model, device, dtype)` and `build(...)` the module's own."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--model", required=True, help="composite checkpoint folder")
+    parser.add_argument("--data_path", required=True, help="LLaVA rows: JSON list, JSON Lines or a saved dataset")
+    parser.add_argument(f"--{kind}_folder", default=None, help=f"folder the rows' {kind} paths are relative to")
+    parser.add_argument("--cache_dir", required=True)
+    parser.add_argument("--batch_size", type=int, default=batch_size)
+    parser.add_argument("--dtype", default="float16", choices=sorted(DTYPES), help="storage dtype")
+    parser.add_argument("--tower_dtype", default="float32", choices=sorted(DTYPES), help="dtype the tower runs in")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--num_workers", type=int, default=0, help=f"{kind}-decoding worker processes")
+    args = parser.parse_args(argv)
+    model, processor = load(args.model, args.device, DTYPES[args.tower_dtype])
+    summary = build(model, processor, args.data_path, args.cache_dir, getattr(args, f"{kind}_folder"), args.batch_size,
+                    args.dtype, args.num_workers, source=args.model)  # fmt: skip
+    print(format_summary(summary))
     return summary

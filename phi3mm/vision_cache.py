@@ -21,16 +21,24 @@ it is checked when the command resumes a cache and by `VisionFeatureCache.check_
 
 from __future__ import annotations
 
-import argparse
+import functools
 import json
-from pathlib import Path
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
 from phi3mm.data import media_paths, read_rows
-from phi3mm.feature_cache import DTYPES, FeatureCache, format_summary as _format, module_fingerprint, owner, summarize
+from phi3mm.feature_cache import (
+    FeatureCache,
+    MediaFiles,
+    command_line,
+    load_tower_model,
+    module_fingerprint,  # fmt: skip
+    owner,
+    summarize,
+)
+from phi3mm.feature_cache import format_summary as _format
 
 # Fields that must agree between a cache and the model that uses it; only the config ones are
 # known without the weights.
@@ -90,7 +98,7 @@ class VisionFeatureCache(FeatureCache):
         self.write(name, {"features": features.to(self.dtype)})
 
     @classmethod
-    def create(cls, cache_dir, model, processor, dtype: str = "float16", source: str = "") -> "VisionFeatureCache":
+    def create(cls, cache_dir, model, processor, dtype: str = "float16", source: str = "") -> VisionFeatureCache:
         """Open `cache_dir` for writing: a new cache gets meta.json; an existing one must match in full."""
         config = owner(model).config
         meta = {
@@ -104,35 +112,13 @@ class VisionFeatureCache(FeatureCache):
         return super().create(cache_dir, meta, BUILD_FIELDS)
 
 
-class _Images(torch.utils.data.Dataset):
-    """(name, pixel_values (1, 3, H, W) or None, error or None) per image; decoded in loader workers."""
-
-    def __init__(self, names: list[str], image_folder, processor):
-        self.names, self.folder, self.processor = names, Path(image_folder) if image_folder else None, processor
-
-    def __len__(self) -> int:
-        return len(self.names)
-
-    def __getitem__(self, index: int):
-        name = self.names[index]
-        path = self.folder / name if self.folder else Path(name)
-        if not path.is_file():
-            return name, None, "missing"
-        try:
-            return name, self.processor.process_images([path]), None
-        except Exception as error:  # noqa: BLE001 - any image that cannot be decoded is listed, not fatal
-            return name, None, f"unreadable: {error}"
+def _pixels(processor, path):
+    return processor.process_images([path])
 
 
 def load_vision_model(model_path, device: str = "cpu", dtype: torch.dtype = torch.float32):
     """(Phi3ProjectorModel with only its vision tower kept, processor) from a composite checkpoint."""
-    from modeling_phi3_projector import Phi3ProjectorForConditionalGeneration
-    from processing_multimodal import MultimodalProcessor
-
-    inner = Phi3ProjectorForConditionalGeneration.from_pretrained(model_path, dtype=dtype).model
-    inner.language_model = inner.audio_tower = None  # free what the features do not need
-    processor = MultimodalProcessor.from_pretrained(model_path, trust_remote_code=True)
-    return inner.to(device).eval(), processor
+    return load_tower_model(model_path, device, dtype, keep="vision_tower")
 
 
 def build_cache(model, processor, data_path, cache_dir, image_folder=None, batch_size: int = 32,
@@ -144,7 +130,8 @@ def build_cache(model, processor, data_path, cache_dir, image_folder=None, batch
     tower_owner = owner(model)
     device = next(tower_owner.vision_tower.parameters()).device
     loader = torch.utils.data.DataLoader(
-        _Images(todo, image_folder, processor), batch_size=batch_size, num_workers=num_workers, collate_fn=list
+        MediaFiles(todo, image_folder, functools.partial(_pixels, processor)),
+        batch_size=batch_size, num_workers=num_workers, collate_fn=list,
     )
     failed, computed = {}, 0
     with tqdm(total=len(todo), unit="img", desc="vision features") as bar, torch.inference_mode():
@@ -165,22 +152,8 @@ def format_summary(summary: dict, limit: int = 20) -> str:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description="Precompute vision-tower features of LLaVA-format rows.")
-    parser.add_argument("--model", required=True, help="composite checkpoint folder")
-    parser.add_argument("--data_path", required=True, help="LLaVA rows: JSON list, JSON Lines or a saved dataset")
-    parser.add_argument("--image_folder", default=None, help="folder the rows' image paths are relative to")
-    parser.add_argument("--cache_dir", required=True)
-    parser.add_argument("--batch_size", type=int, default=32)
-    parser.add_argument("--dtype", default="float16", choices=sorted(DTYPES), help="storage dtype")
-    parser.add_argument("--tower_dtype", default="float32", choices=sorted(DTYPES), help="dtype the tower runs in")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--num_workers", type=int, default=0, help="image-decoding worker processes")
-    args = parser.parse_args(argv)
-    model, processor = load_vision_model(args.model, args.device, DTYPES[args.tower_dtype])
-    summary = build_cache(model, processor, args.data_path, args.cache_dir, args.image_folder, args.batch_size,
-                          args.dtype, args.num_workers, source=args.model)  # fmt: skip
-    print(format_summary(summary))
-    return summary
+    return command_line(argv, "Precompute vision-tower features of LLaVA-format rows.", "image", 32,
+                        load_vision_model, build_cache, format_summary)  # fmt: skip
 
 
 __all__ = ["VisionFeatureCache", "build_cache", "config_signature", "feature_shape", "load_vision_model", "main", "tower_fingerprint"]
