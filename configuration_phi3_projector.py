@@ -75,6 +75,9 @@ class Phi3ProjectorConfig(PretrainedConfig):
             sliced position embeddings) instead of on windows padded to 30 s. The two give different
             features, so this records how the audio projector was trained. The builder sets it for
             new models; a checkpoint without the field was trained on padded windows.
+        speech_aligned: the audio projector was aligned to speech (`--stage audio_align` sets it), so
+            the model understands spoken questions through its own ears; the chat app says so, and
+            without it suggests transcribing speech with Whisper first.
     """
 
     model_type = "phi3_projector"
@@ -108,6 +111,7 @@ class Phi3ProjectorConfig(PretrainedConfig):
     image_token_pooling: int = 1
     audio_stack_factor: int = 5
     audio_real_length: bool = False
+    speech_aligned: bool = False
     component_models: dict | None = None
     tie_word_embeddings: bool = False
 
@@ -146,8 +150,9 @@ class Phi3ProjectorConfig(PretrainedConfig):
                 f"image_token_pooling={pooling} is larger than the patch grid side ({self.patches_per_side} = "
                 f"image_size {self.vision_config.image_size} / patch_size {self.vision_config.patch_size})"
             )
-        if not isinstance(self.audio_real_length, bool):
-            raise ValueError(f"audio_real_length must be true or false, got {self.audio_real_length!r}")
+        for name in ("audio_real_length", "speech_aligned"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be true or false, got {getattr(self, name)!r}")
         if not isinstance(self.audio_stack_factor, int) or self.audio_stack_factor < 1:
             raise ValueError(f"audio_stack_factor must be a positive int, got {self.audio_stack_factor!r}")
         vocab = self.text_config.vocab_size

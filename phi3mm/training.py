@@ -256,6 +256,7 @@ def save_aligned(trained, base: str, processor, out_dir: Path, dtype) -> None:
     full = Phi3ProjectorForConditionalGeneration.from_pretrained(base, dtype=dtype, use_safetensors=True)
     for name in ("audio_tower", "audio_projector"):
         getattr(full.model, name).load_state_dict(getattr(trained.model, name).state_dict())
+    full.config.speech_aligned = True  # the chat app sends spoken questions to the model's own ears
     save_checkpoint(full, processor, out_dir)
 
 

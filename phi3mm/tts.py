@@ -305,6 +305,7 @@ class Clip:
     noise: str = "white"
     snr_db: float | None = None  # None: no noise
     noise_seed: int = 0
+    silence_s: tuple[float, float] = (0.0, 0.0)  # before and after the speech, as in a recording
 
     @property
     def key(self) -> str:
@@ -313,7 +314,8 @@ class Clip:
         return hashlib.sha1(spec.encode()).hexdigest()
 
     def metadata(self) -> dict:
-        return {k: v for k, v in asdict(self).items() if k in ("engine", "voice", "rate", "pitch", "noise", "snr_db")}
+        keys = ("engine", "voice", "rate", "pitch", "noise", "snr_db", "silence_s")
+        return {k: v for k, v in asdict(self).items() if k in keys}
 
 
 def speak_row(
@@ -434,6 +436,7 @@ def speak_rows(
     pitches: Sequence[float] = (0.9, 1.1),
     noise_db: Sequence[float] | None = (20.0, 40.0),
     noise_kinds: Sequence[str] = NOISE_KINDS,
+    silence_s: Sequence[float] = (0.0, 0.0),
     mode: str = "chat",
     first_turn_only: bool = False,
     max_words: int | None = 80,
@@ -450,6 +453,8 @@ def speak_rows(
         DEFAULT_VOICES of `engines`, all engines if None). Give the training or held-out voices here.
     rates, pitches: [low, high] ranges relative to each voice's own (grid of 0.05); noise_db: the
         [low, high] SNR range of the noise, None for clean clips; noise_kinds: which noises to draw.
+    silence_s: [low, high] seconds of silence before and after the speech, drawn for each end (a
+        microphone recording starts before the speaker and stops after); the noise covers it too.
     mode: "chat" (the rows, spoken) or "asr" (one {"audio", "text"} row per clip).
     max_words: longer turns stay text (a minute of synthetic speech is not a question).
     audio_folder: where the rows' own clips are (they are written as paths from there, which load
@@ -460,9 +465,12 @@ def speak_rows(
     for kind in noise_kinds:
         if kind not in NOISE_KINDS:
             raise ValueError(f"noise must be among {NOISE_KINDS}, got {kind!r}")
-    for name, low_high in (("rates", rates), ("pitches", pitches), ("noise_db", noise_db or (0, 0))):
+    ranges = (("rates", rates), ("pitches", pitches), ("noise_db", noise_db or (0, 0)), ("silence_s", silence_s))
+    for name, low_high in ranges:
         if len(low_high) != 2 or low_high[0] > low_high[1]:
             raise ValueError(f"{name} must be a (low, high) range, got {low_high!r}")
+    if silence_s[0] < 0:
+        raise ValueError(f"silence_s must be seconds >= 0, got {silence_s!r}")
     for rate, pitch in zip(rates, pitches):  # both ends, before any engine runs
         _check_rate_pitch(rate, pitch)
     pairs = parse_voices(voices, engines)
@@ -492,7 +500,7 @@ def speak_rows(
         spoken.append((new_row, clips))
 
     # Every random choice in row order, here: the same seed gives the same clips in any thread order
-    rng = np.random.default_rng(seed)
+    rng, silence_rng = np.random.default_rng(seed), np.random.default_rng([seed, 1])
     all_clips = [clip for _, clips in spoken for clip in clips]
     for clip in all_clips:
         clip.engine, clip.voice = pairs[rng.integers(len(pairs))]
@@ -500,6 +508,8 @@ def speak_rows(
         clip.noise = noise_kinds[rng.integers(len(noise_kinds))]
         clip.snr_db = None if noise_db is None else round(float(rng.uniform(*noise_db)), 1)
         clip.noise_seed = int(rng.integers(2**31))
+        # From a generator of their own: padding leaves every other draw as the seed gives it
+        clip.silence_s = (_draw(silence_s, silence_rng, 0.05), _draw(silence_s, silence_rng, 0.05))
 
     pending = Counter(clip.key for clip in all_clips)  # a synthesis is kept until its last clip is written
     cache: dict[str, np.ndarray] = {}
@@ -513,6 +523,9 @@ def speak_rows(
 
     def write(clip: Clip) -> float:
         wave = cache[clip.key]
+        if any(clip.silence_s):
+            before, after = (np.zeros(round(s * SAMPLING_RATE), np.float32) for s in clip.silence_s)
+            wave = np.concatenate([before, wave, after])
         if clip.snr_db is not None:
             wave = add_noise(wave, clip.snr_db, clip.noise, np.random.default_rng(clip.noise_seed))
         path = out_dir / "audio" / clip.file
@@ -595,6 +608,7 @@ def main(argv: list[str] | None = None) -> dict:
         "--noise_db", default="20,40", help="low,high SNR of the added noise in dB; 'none' for clean clips"
     )
     parser.add_argument("--noise", default=",".join(NOISE_KINDS), help="noise kinds to draw from: white,pink")
+    parser.add_argument("--silence_s", default="0,0", help="low,high seconds of silence before and after the speech")
     parser.add_argument("--mode", choices=("chat", "asr"), default="chat", help="spoken rows, or bare ASR rows")
     parser.add_argument("--first_turn_only", action="store_true", help="speak only each row's first human turn")
     parser.add_argument("--max_words", type=int, default=80, help="longer human turns stay text (0: no limit)")
@@ -617,6 +631,7 @@ def main(argv: list[str] | None = None) -> dict:
             pitches=_floats(args.pitches) or (1.0, 1.0),
             noise_db=_floats(args.noise_db),
             noise_kinds=tuple(args.noise.split(",")),
+            silence_s=_floats(args.silence_s) or (0.0, 0.0),
             mode=args.mode,
             first_turn_only=args.first_turn_only,
             max_words=args.max_words or None,

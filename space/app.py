@@ -275,6 +275,8 @@ class Assistant:
         self.max_file_mb = max_file_mb
         self.context_length = model.config.text_config.max_position_embeddings
         self.has_audio_tower = model.config.audio_config is not None
+        # Aligned for speech (train_trainer.py --stage audio_align): spoken questions go to its own ears.
+        self.speech_aligned = self.has_audio_tower and bool(getattr(model.config, "speech_aligned", False))
         # The checkpoint's processing module ships its own decoders (any image mode, any audio rate
         # -> 16 kHz mono); checking uploads with them means an upload that passes is one the
         # processor can read.
@@ -571,11 +573,19 @@ EXAMPLES = [
 
 def build_demo(assistant: Assistant) -> gr.ChatInterface:
     """The chat UI around `assistant.respond`; the caller launches it."""
-    audio_info = (
-        "Whisper turns speech into text that joins your message; otherwise the model hears the audio itself."
-        if assistant.has_audio_tower
-        else "Always on: this model has no audio encoder."
-    )
+    if assistant.speech_aligned:
+        audio_info = (
+            "Off: the model hears your audio itself, spoken questions included (it was aligned for speech). "
+            "On: Whisper turns speech into text that joins your message."
+        )
+    elif assistant.has_audio_tower:
+        audio_info = (
+            "The model hears sounds itself but was not aligned for speech: turn this on for spoken "
+            "questions, and Whisper turns them into text that joins your message."
+        )
+    else:
+        audio_info = "Always on: this model has no audio encoder."
+
     examples = [
         [{"text": text, "files": [str(EXAMPLES_DIR / name) for name in files]}]
         for text, files in EXAMPLES

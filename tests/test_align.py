@@ -111,6 +111,9 @@ def test_audio_align_stage_learns_and_keeps_the_language_model(base, data, tmp_p
         # the saved LM is the original full-precision one, not the 4-bit copy the qlora run held
         assert torch.equal(weight, after[name]), f"{name} changed: only the audio path trains"
     assert not torch.equal(before["model.audio_projector.linear_1.weight"], after["model.audio_projector.linear_1.weight"])
+    # the chat app reads this to send spoken questions to the model's own ears
+    config = json.loads((out / "model" / "config.json").read_text())
+    assert config["speech_aligned"] is True and json.loads((base / "config.json").read_text())["speech_aligned"] is False
 
 
 def test_asr_rows_get_the_teachers_continuation_and_train(base, data, tmp_path):

@@ -1,12 +1,15 @@
 """The Gradio chat app in space/: its handler called directly, its /chat endpoint through gradio_client
 against the app on 127.0.0.1, and (slow) the page in a real headless Chromium driven by Playwright.
 
-Everything runs on a tiny random checkpoint built offline, so answers are gibberish: the tests check
-that an answer streams back and what the model was shown, never what it says.
+Most tests run on a tiny random checkpoint built offline, so answers are gibberish: they check that
+an answer streams back and what the model was shown, never what it says. The speech tests train a
+tiny model (about a minute) to answer spoken questions about the example pictures, and check its
+answers, heard through its own ears and through Whisper's transcript.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -34,6 +37,15 @@ SPACE = ROOT / "space"
 IMAGE = SPACE / "examples" / "red_circle.png"
 AUDIO = SPACE / "examples" / "three_beeps.wav"
 QUESTION = "What color is the shape?"  # asked aloud about IMAGE in the speech tests
+# What the speech-aligned test model learns, about two example pictures: (picture, question, answer).
+# Two questions per picture, so the answer depends on what was heard, and one question asked of both.
+SPOKEN_QA = (
+    ("red_circle.png", QUESTION, "Red."),
+    ("red_circle.png", "How many shapes are there?", "One."),
+    ("blue_triangle.png", "What shape is the blue object?", "Triangle."),
+    ("blue_triangle.png", "How many shapes are there?", "Three."),
+)
+TEST_VOICE = ("flite", "kal16")  # says the questions in the tests; never heard in training
 SCREENSHOT = ROOT / "outputs" / "screenshots" / "app.png"
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = [
@@ -116,14 +128,85 @@ def server_transcribes(assistant: app.Assistant, whisper_assistant: app.Assistan
     monkeypatch.setattr(assistant, "_asr_error", None)
 
 
-@pytest.fixture(scope="module")
-def server(assistant: app.Assistant):
-    """The app launched in this process on 127.0.0.1 (the model is already loaded)."""
+def serve(assistant: app.Assistant):
+    """The app launched in this process on 127.0.0.1 (the model is already loaded); yields its address."""
     demo = app.build_demo(assistant)
     port = free_port()
     app.launch(demo, "127.0.0.1", port, MAX_FILE_MB, prevent_thread_lock=True, quiet=True)
     yield f"http://127.0.0.1:{port}/"
     demo.close()
+
+
+@pytest.fixture(scope="module")
+def server(assistant: app.Assistant):
+    yield from serve(assistant)
+
+
+@pytest.fixture(scope="module")
+def speech_checkpoint(tmp_path_factory: pytest.TempPathFactory, whisper_base: Path) -> Path:
+    """A tiny model with Whisper-base's encoder that answers SPOKEN_QA, aligned for speech as a user would.
+
+    The LM is tuned in full on the questions typed (as written, and as Whisper may transcribe them);
+    then `--stage audio_align` trains the audio projector by distillation from that text path, on the
+    questions spoken by phi3mm.tts in every voice but TEST_VOICE, with up to a second of silence either
+    side, as a microphone recording has. About a minute on 2 cores.
+    """
+    from phi3mm.audio_cache import build_cache as build_audio_cache
+    from phi3mm.demo import training_args
+    from phi3mm.training import DataArguments, ModelArguments, train
+    from phi3mm.tts import DEFAULT_VOICES, speak_rows
+
+    work = tmp_path_factory.mktemp("speech_model")
+
+    def row(image: str, question: str, answer: str) -> dict:
+        turns = [{"from": "human", "value": f"<image>\n{question}"}, {"from": "gpt", "value": answer}]
+        return {"image": str(SPACE / "examples" / image), "conversations": turns}
+
+    typed = [row(image, wording, answer) for image, question, answer in SPOKEN_QA
+             for wording in (question, question.lower().rstrip("?")) for _ in range(4)]  # fmt: skip
+    (work / "typed.json").write_text(json.dumps(typed))
+    model, processor = build_tiny_model(work / "components", tokenizer=phi35_tokenizer_path(), audio_model=whisper_base)
+    base = save_checkpoint(model, processor, work / "base")
+    train(
+        ModelArguments(model_name_or_path=str(base), stage="finetune", tuning="full", projector_lr=3e-3),
+        DataArguments(data_path=str(work / "typed.json"), max_length=512),
+        training_args(work / "typed", epochs=10, lr=3e-3, batch_size=8, seed=0),
+    )
+    voices = [(engine, voice) for engine, names in DEFAULT_VOICES.items() for voice in names if (engine, voice) != TEST_VOICE]
+    spoken = speak_rows([row(*qa) for qa in SPOKEN_QA] * 8, work / "spoken", voices=voices, silence_s=(0.0, 1.2),
+                        workers=2, log=lambda _: None)  # fmt: skip
+    build_audio_cache(model, processor, spoken["rows_path"], work / "audio_cache", spoken["audio_folder"], dtype="float32")
+    train(
+        ModelArguments(model_name_or_path=str(work / "typed" / "model"), stage="audio_align", tuning="lora"),
+        DataArguments(data_path=spoken["rows_path"], max_length=512, audio_folder=spoken["audio_folder"],
+                      audio_cache_dir=str(work / "audio_cache")),  # fmt: skip
+        training_args(work / "aligned", epochs=12, lr=3e-3, batch_size=8, seed=0),
+    )
+    return work / "aligned" / "model"
+
+
+@pytest.fixture(scope="module")
+def speech_assistant(speech_checkpoint: Path, whisper_assistant: app.Assistant) -> app.Assistant:
+    """The speech-aligned model in the app, with the loaded Whisper-base behind the transcription switch."""
+    return app.Assistant(*app.load_model(str(speech_checkpoint)), asr_model=whisper_assistant.asr_model,
+                         transcriber=whisper_assistant.transcriber)  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def speech_server(speech_assistant: app.Assistant):
+    yield from serve(speech_assistant)
+
+
+@pytest.fixture(scope="module")
+def spoken_qa(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Each SPOKEN_QA question said by TEST_VOICE, as a WAV named audio.wav (a microphone recording's name)."""
+    out = tmp_path_factory.mktemp("spoken_qa")
+    paths = {}
+    for i, (_, question, _) in enumerate(SPOKEN_QA):
+        paths[question] = out / str(i) / "audio.wav"
+        paths[question].parent.mkdir()
+        sf.write(paths[question], speak(question, *TEST_VOICE), 16_000, subtype="PCM_16")
+    return paths
 
 
 @pytest.fixture()
@@ -423,6 +506,30 @@ def test_demo_has_the_chat_pieces(assistant):
     assert switch.value is True and switch.interactive is False  # no audio encoder: always transcribe
 
 
+@pytest.mark.slow
+def test_speech_aligned_model_answers_by_ear_and_by_transcript(speech_assistant, assistant, spoken_qa, monkeypatch):
+    """Each question about an example picture, said in a voice the model never heard: with the switch off
+    the model hears the clip (no transcript; the audio in its inputs), on it reads Whisper's transcript,
+    and both ways it answers right. Two questions per picture with different answers: the clip is what
+    the model answers, not the picture alone."""
+    assert speech_assistant.speech_aligned and not assistant.speech_aligned  # config.speech_aligned, set by audio_align
+    switch = app.build_demo(speech_assistant).additional_inputs[2]
+    assert switch.value is False and "aligned for speech" in switch.info
+    assert "not aligned for speech" in app.build_demo(assistant).additional_inputs[2].info
+    seen = spy_on_prompts(speech_assistant, monkeypatch)
+    for image, question, answer in SPOKEN_QA:
+        message = {"text": "", "files": [str(SPACE / "examples" / image), str(spoken_qa[question])]}
+        heard = list(speech_assistant.respond(message, [], max_new_tokens=8, temperature=0))[-1]
+        _, turn, inputs = seen[-1]
+        assert turn.transcripts is None and inputs["input_features"].shape[0] == 1
+        assert heard == answer, (question, heard)
+
+        read = list(speech_assistant.respond(message, [], max_new_tokens=8, temperature=0, transcribe_audio=True))[-1]
+        (transcript,) = titled(read, app.TRANSCRIPT_TITLE)
+        check_spoken_turn(speech_assistant, seen[-1][1], seen[-1][2], transcript)
+        assert words(question) in words(transcript) and answer_text(read) == answer, (question, read)
+
+
 # ---- loading and packaging ----------------------------------------------------------------------
 
 
@@ -626,8 +733,8 @@ def plain_words(text: str) -> list[str]:
     return re.sub(r"[*_~`#>|\\\[\]()]", "", text).split()
 
 
-def open_chat(browser, server: str, transcribe: bool = False):
-    """The app's page, with short sampled answers (see the first test) and the transcription switch set."""
+def open_chat(browser, server: str, transcribe: bool = False, temperature: float = 1.0):
+    """The app's page, with short answers (sampled unless `temperature` is 0) and the transcription switch set."""
     from playwright.sync_api import expect
 
     page = browser.new_page(viewport={"width": 1280, "height": 900})
@@ -635,7 +742,7 @@ def open_chat(browser, server: str, transcribe: bool = False):
     expect(chat_box(page)).to_have_attribute("placeholder", "Message the model…", timeout=30_000)
     page.get_by_text("Generation settings").click()  # the settings live in this accordion
     page.get_by_label("number input for Max new tokens").fill("32")
-    page.get_by_label("number input for Temperature").fill("1")
+    page.get_by_label("number input for Temperature").fill(f"{temperature:g}")
     page.get_by_label("number input for Temperature").press("Tab")
     page.get_by_label("Transcribe audio with Whisper first").set_checked(transcribe)
     page.get_by_text("Generation settings").click()
@@ -657,6 +764,30 @@ def chat_box(page):
     return page.locator(".multimodal-textbox").get_by_test_id("textbox")
 
 
+def fake_microphone(speech: Path, tmp_path: Path) -> tuple[list[str], float]:
+    """Chromium's flags that make the WAV `speech`, with a second of silence either side, its microphone
+    (played once, then silence), and the seconds to record to hear all of it."""
+    samples, rate = sf.read(speech, dtype="float32")
+    silence = np.zeros(rate, np.float32)  # the capture starts about when recording does
+    microphone = tmp_path / "microphone.wav"
+    sf.write(microphone, np.concatenate([silence, samples, silence]), rate, subtype="PCM_16")
+    flags = [
+        "--use-fake-ui-for-media-stream",  # grant the microphone without the permission prompt
+        "--use-fake-device-for-media-stream",
+        f"--use-file-for-fake-audio-capture={microphone}%noloop",
+    ]
+    return flags, (2 * len(silence) + len(samples)) / rate
+
+
+def record_and_attach(page, seconds: float) -> None:
+    """Record `seconds` with the message box's microphone button and attach the recording to the message."""
+    page.get_by_test_id("microphone-button").click()
+    page.get_by_role("button", name="Start recording").click()
+    page.wait_for_timeout(1000 * seconds + 500)
+    page.get_by_role("button", name="Stop recording").click()
+    page.get_by_role("button", name="Attach audio").click()
+
+
 def require_chromium() -> None:
     if not os.path.exists(CHROMIUM):
         pytest.fail(f"{CHROMIUM} is missing: run `apt-get install -y chromium` (the project's test command does)")
@@ -667,9 +798,12 @@ def test_the_browser_tests_carry_the_slow_marker():
     for test in (
         test_browser_upload_ask_and_see_the_answer_stream,
         test_browser_spoken_question_through_the_microphone,
+        test_browser_spoken_question_gets_the_right_answer,
+        test_speech_aligned_model_answers_by_ear_and_by_transcript,
     ):
         assert "slow" in [mark.name for mark in getattr(test, "pytestmark", [])], test.__name__
-    assert not any(hasattr(helper, "pytestmark") for helper in (plain_words, open_chat, chat_box))
+    helpers = (plain_words, open_chat, chat_box, fake_microphone, record_and_attach)
+    assert not any(hasattr(helper, "pytestmark") for helper in helpers)
 
 
 @pytest.mark.slow
@@ -727,27 +861,15 @@ def test_browser_spoken_question_through_the_microphone(
     require_chromium()
     from playwright.sync_api import expect, sync_playwright
 
-    speech, rate = sf.read(spoken_question, dtype="float32")
-    silence = np.zeros(rate, np.float32)  # a second either side: the capture starts about when recording does
-    microphone = tmp_path / "microphone.wav"
-    sf.write(microphone, np.concatenate([silence, speech, silence]), rate, subtype="PCM_16")
-    fake_microphone = [
-        "--use-fake-ui-for-media-stream",  # grant the microphone without the permission prompt
-        "--use-fake-device-for-media-stream",
-        f"--use-file-for-fake-audio-capture={microphone}%noloop",  # played once, then silence
-    ]
+    microphone, seconds = fake_microphone(spoken_question, tmp_path)
     seen = spy_on_prompts(assistant, monkeypatch)
     with sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS + fake_microphone)
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS + microphone)
         try:
             page = open_chat(browser, server, transcribe=True)
             page.get_by_test_id("file-upload").set_input_files(str(IMAGE))
             expect(page.locator("img[src*='red_circle']").first).to_be_visible(timeout=15_000)
-            page.get_by_test_id("microphone-button").click()
-            page.get_by_role("button", name="Start recording").click()
-            page.wait_for_timeout(1000 * (len(silence) * 2 + len(speech)) / rate + 500)
-            page.get_by_role("button", name="Stop recording").click()
-            page.get_by_role("button", name="Attach audio").click()
+            record_and_attach(page, seconds)
             page.get_by_test_id("submit-button").click()
 
             shown = page.get_by_test_id("bot").filter(has_text=app.TRANSCRIPT_TITLE)
@@ -767,6 +889,48 @@ def test_browser_spoken_question_through_the_microphone(
     assert [Path(path).name for path in turn.files] == [IMAGE.name, "audio.wav"]  # Gradio's name for recordings
     check_spoken_turn(assistant, turn, inputs, turn.transcripts[0])
     assert words(QUESTION) in words(turn.transcripts[0])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("transcribe", [False, True], ids=["by_ear", "by_transcript"])
+def test_browser_spoken_question_gets_the_right_answer(
+    speech_server, speech_assistant, spoken_qa, transcribe, tmp_path, monkeypatch
+):
+    """The model aligned for speech, in the browser: attach an example picture, say a question about it into
+    the microphone (Chromium plays a flite recording), send. With the switch off (its default for this
+    model) the model hears the recording itself; on, it reads Whisper's transcript, shown in the chat.
+    Either way the answer in the chat is the right one."""
+    require_chromium()
+    from playwright.sync_api import expect, sync_playwright
+
+    image, question, answer = SPOKEN_QA[0]
+    microphone, seconds = fake_microphone(spoken_qa[question], tmp_path)
+    seen = spy_on_prompts(speech_assistant, monkeypatch)
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS + microphone)
+        try:
+            page = open_chat(browser, speech_server, transcribe=transcribe, temperature=0)
+            page.get_by_test_id("file-upload").set_input_files(str(SPACE / "examples" / image))
+            expect(page.locator(f"img[src*='{Path(image).stem}']").first).to_be_visible(timeout=15_000)
+            record_and_attach(page, seconds)
+            page.get_by_test_id("submit-button").click()
+
+            expect(page.get_by_test_id("bot")).to_have_count(2 if transcribe else 1, timeout=60_000)
+            expect(page.get_by_test_id("submit-button")).to_be_visible(timeout=60_000)  # generation over
+            expect(page.get_by_test_id("bot").last).to_have_text(answer)
+            shown = page.get_by_test_id("bot").filter(has_text=app.TRANSCRIPT_TITLE)
+            expect(shown).to_have_count(1 if transcribe else 0)
+            name = "by_transcript" if transcribe else "by_ear"
+            page.screenshot(path=str(SCREENSHOT.with_name(f"app_spoken_{name}.png")), full_page=True)
+        finally:
+            browser.close()
+    ((_, turn, inputs),) = seen
+    assert [Path(path).name for path in turn.files] == [image, "audio.wav"]  # Gradio's name for recordings
+    if transcribe:
+        check_spoken_turn(speech_assistant, turn, inputs, turn.transcripts[0])
+        assert words(question) in words(turn.transcripts[0])
+    else:  # the recording itself went to the model, and no transcript
+        assert turn.transcripts is None and inputs["input_features"].shape[0] == 1
 
 
 def test_transcribing_silence_is_bounded_by_the_clip_length(whisper_assistant):

@@ -36,6 +36,8 @@ def test_audio_tokens_follow_stack_factor():
         ({"projector_hidden_act": "nope"}, "projector_hidden_act"),
         ({"image_token_id": 10**6}, "image_token_id"),
         ({"audio_token_id": -1}, "audio_token_id"),
+        ({"audio_real_length": "yes"}, "audio_real_length"),
+        ({"speech_aligned": 1}, "speech_aligned"),
     ],
 )
 def test_invalid_values_raise_value_error_naming_the_field(options, field):

@@ -223,6 +223,32 @@ def test_unknown_voices_and_engines_are_value_errors(tmp_path):
     assert not (tmp_path / "out").exists()  # refused before anything is written
 
 
+def test_silence_before_and_after_the_speech(tmp_path):
+    """silence_s pads each clip as a recording would, both ends drawn apart; the speech itself, its
+    voice and its noise draws, stays as the same seed gives it without padding."""
+    _, padded = speak(tmp_path, noise_db=None, silence_s=(0.3, 1.0))
+    _, plain = speak(tmp_path, "plain", noise_db=None)
+    ends = []
+    for row, bare in zip(padded, plain):
+        clips = [str(path) for path in row_media(row, "audio", None)]
+        for clip, voice, text in zip(clips, row["voices"], row["transcripts"]):
+            if text is None:
+                continue
+            before, after = voice["silence_s"]
+            assert 0.3 <= before <= 1.0 and 0.3 <= after <= 1.0
+            ends.append((before, after))
+            wave, _ = sf.read(str(tmp_path / "out" / "audio" / clip), dtype="float32")
+            speech, _ = sf.read(str(tmp_path / "plain" / "audio" / clip), dtype="float32")
+            lead, tail = round(before * 16_000), round(after * 16_000)
+            assert len(wave) == lead + len(speech) + tail and not wave[:lead].any() and not wave[len(wave) - tail:].any()
+            assert np.array_equal(wave[lead : lead + len(speech)], speech)
+    assert len(set(ends)) > 1 and any(before != after for before, after in ends)
+    voices = lambda rows: [[v and (v["voice"], v["rate"], v["pitch"]) for v in row["voices"]] for row in rows]
+    assert voices(padded) == voices(plain)
+    with pytest.raises(ValueError, match="silence_s"):
+        speak(tmp_path, "bad", silence_s=(-1.0, 0.5))
+
+
 def test_noise_at_the_asked_snr():
     t = np.arange(32_000) / 16_000
     speech = (0.3 * np.sin(2 * np.pi * 440 * t)).astype(np.float32)
