@@ -18,6 +18,13 @@ Rows, read unchanged:
 `--align_loss ce` trains with plain cross-entropy instead: ASR rows as "Transcribe the audio."
 with the transcript as the answer, spoken-question rows on their answers.
 Rows without a transcript are skipped and counted.
+
+Rehearsal rows (`--rehearsal_data_path`): rows the model already answers through the same audio
+projector, e.g. the sound questions of its fine-tuning data, trained with cross-entropy on their
+answers beside the alignment rows, so that aligning for speech does not cost the sounds (in the
+demo, beeps fell from 95% to 85% without them). They need no transcript. The loss of a batch is
+the sum of the KL over the response tokens of its alignment rows and the cross-entropy over
+those of its rehearsal rows, divided by their number.
 """
 
 from __future__ import annotations
@@ -38,6 +45,7 @@ logger = logging.getLogger(__name__)
 ALIGN_LOSSES = ("kl", "ce")
 TRANSCRIBE_PROMPT = "Transcribe the audio."
 TEACHER = "teacher_"  # prefix of the teacher's inputs in an item and a batch
+REHEARSAL = "rehearsal"  # marks rehearsal rows, and in a mixed batch the items without a teacher
 
 
 def alignment_row(row: dict, audio_column: str, text_column: str, loss: str, audio_token: str = "<audio>") -> dict | None:
@@ -79,7 +87,7 @@ class AlignmentDataset(LlavaDataset):
     whose supervised tokens are the same response; skips counted as in `LlavaDataset`."""
 
     def __init__(self, rows, processor, *args, audio_column: str = "audio", text_column: str = "text",
-                 loss: str = "kl", **kwargs):  # fmt: skip
+                 loss: str = "kl", rehearsal_rows=(), **kwargs):  # fmt: skip
         if loss not in ALIGN_LOSSES:
             raise ValueError(f"--align_loss must be one of {ALIGN_LOSSES}, got {loss!r}")
         self.loss = loss
@@ -89,7 +97,8 @@ class AlignmentDataset(LlavaDataset):
         for row in aligned:
             if row is not None and "messages" in row and row["messages"][-1]["content"] is None:
                 row["messages"][-1]["content"], row["continuation_pending"] = "", True
-        super().__init__([row for row in aligned if row is not None], processor, *args, **kwargs)
+        rehearsal = [{**row, REHEARSAL: True} for row in rehearsal_rows]  # read as they are, answers supervised
+        super().__init__([row for row in aligned if row is not None] + rehearsal, processor, *args, **kwargs)
         self._pending = [row for row in self.rows if row.get("continuation_pending")]
         if no_transcript:
             self.checked["no transcript"] += no_transcript
@@ -133,7 +142,7 @@ class AlignmentDataset(LlavaDataset):
         images, clips = self.load_media(row)
         student = encode_conversation(self.processor, messages, images, clips, self.max_length,
                                       precomputed=self.vision_cache is not None)  # fmt: skip
-        if self.loss == "ce":
+        if self.loss == "ce" or row.get(REHEARSAL):
             return student
         transcripts = as_list(row["transcripts"])
         if sum(m["content"].count(audio_token) for m in messages) != len(transcripts):
@@ -147,36 +156,64 @@ class AlignmentDataset(LlavaDataset):
 
 
 class AlignmentCollator:
-    """Pads the student's inputs and the teacher's (`teacher_*`) as two batches of one."""
+    """Pads the student's inputs (every item) and the teacher's (`teacher_*`, the items that have
+    one) as two batches; `rehearsal` flags the items without a teacher when the batch mixes both."""
 
     def __init__(self, pad_token_id: int):
         self.collate = MultimodalCollator(pad_token_id)
 
     def __call__(self, items: list[dict]) -> dict[str, torch.Tensor]:
         student = self.collate([{k: v for k, v in item.items() if not k.startswith(TEACHER)} for item in items])
-        if not any(key.startswith(TEACHER) for key in items[0]):
+        taught = [any(key.startswith(TEACHER) for key in item) for item in items]
+        if not any(taught):  # cross-entropy rows only (--align_loss ce, or a batch of rehearsal rows)
             return student
-        teacher = self.collate([{k[len(TEACHER) :]: v for k, v in item.items() if k.startswith(TEACHER)} for item in items])
+        teacher = self.collate([{k[len(TEACHER) :]: v for k, v in item.items() if k.startswith(TEACHER)}
+                                for item, has in zip(items, taught) if has])  # fmt: skip
+        if not all(taught):
+            student[REHEARSAL] = torch.tensor([not has for has in taught])
         return {**student, **{TEACHER + key: value for key, value in teacher.items()}}
 
 
+def response_logits(model, inputs: dict, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The logits at the positions that predict a supervised token, (batch, kept, vocab), with which
+    of them supervise in each row and their targets, (batch, kept). The head runs only at positions
+    some row of the batch supervises: the full logits of every image and prompt token at Phi-3.5's
+    32k vocabulary would be the step's largest cost (7x the steps' time in the demo)."""
+    supervised = labels[:, 1:] != IGNORE_INDEX  # position t predicts token t + 1
+    keep = supervised.any(0).nonzero().squeeze(1)
+    logits = model(**inputs, logits_to_keep=keep).logits
+    return logits, supervised[:, keep], labels[:, 1:][:, keep]
+
+
 def distillation_loss(model, inputs: dict, temperature: float = 1.0, num_items_in_batch=None) -> torch.Tensor:
-    """KL(teacher || student) over the response tokens, summed and divided by their number (or by
-    `num_items_in_batch` under gradient accumulation), scaled by temperature² as in Hinton et al."""
+    """KL(teacher || student) over the response tokens, scaled by temperature² as in Hinton et al.,
+    plus the cross-entropy of the rehearsal rows' response tokens; summed and divided by the number
+    of response tokens (or by `num_items_in_batch` under gradient accumulation)."""
     teacher = {key[len(TEACHER) :]: value for key, value in inputs.items() if key.startswith(TEACHER)}
     student = {key: value for key, value in inputs.items() if not key.startswith(TEACHER)}
-    student_labels, teacher_labels = student.pop("labels"), teacher.pop("labels")
-    with torch.no_grad():
-        teacher_logits = model(**teacher).logits
-    student_logits = model(**student).logits
-    # Position t predicts token t + 1: the response tokens' distributions, in order, on both sides.
-    s = student_logits[:, :-1][student_labels[:, 1:] != IGNORE_INDEX].float()
-    t = teacher_logits[:, :-1][teacher_labels[:, 1:] != IGNORE_INDEX].float()
-    if s.shape != t.shape:
-        raise ValueError(f"student and teacher supervise different tokens: {tuple(s.shape)} vs {tuple(t.shape)}")
-    kl = F.kl_div(F.log_softmax(s / temperature, -1), F.log_softmax(t / temperature, -1), log_target=True, reduction="sum")
-    count = num_items_in_batch if num_items_in_batch is not None else max(s.shape[0], 1)
-    return kl * temperature**2 / count
+    student_labels = student.pop("labels")
+    rehearsal = student.pop(REHEARSAL, None)
+    if rehearsal is None:  # one kind of row: all taught, or (no teacher in the batch) all rehearsal
+        rehearsal = torch.full((student_labels.shape[0],), not teacher, dtype=torch.bool)
+    rehearsal = rehearsal.to(student_labels.device)
+    student_logits, supervised, targets = response_logits(model, student, student_labels)
+    loss = student_logits.new_zeros(())
+    if teacher:
+        with torch.no_grad():
+            teacher_logits, teacher_supervised, _ = response_logits(model, teacher, teacher.pop("labels"))
+        # The response tokens' distributions, in order, on both sides.
+        s = student_logits[~rehearsal][supervised[~rehearsal]].float()
+        t = teacher_logits[teacher_supervised].float()
+        if s.shape != t.shape:
+            raise ValueError(f"student and teacher supervise different tokens: {tuple(s.shape)} vs {tuple(t.shape)}")
+        kl = F.kl_div(F.log_softmax(s / temperature, -1), F.log_softmax(t / temperature, -1), log_target=True, reduction="sum")
+        loss = loss + kl * temperature**2
+    if rehearsal.any():
+        logits = student_logits[rehearsal][supervised[rehearsal]].float()
+        loss = loss + F.cross_entropy(logits, targets[rehearsal][supervised[rehearsal]], reduction="sum")
+    count = num_items_in_batch if num_items_in_batch is not None else max(int(supervised.sum()), 1)
+    return loss / count
 
 
-__all__ = ["ALIGN_LOSSES", "AlignmentCollator", "AlignmentDataset", "alignment_row", "distillation_loss", "teacher_messages"]
+__all__ = ["ALIGN_LOSSES", "AlignmentCollator", "AlignmentDataset", "alignment_row", "distillation_loss", "response_logits",
+           "teacher_messages"]

@@ -91,6 +91,7 @@ class DataArguments:
     text_column: str = field(default="text", metadata={"help": "'audio_align': the ASR rows' transcript column."})
     align_loss: str = field(default="kl", metadata={"help": "'audio_align': kl (distillation from the text path) or ce (transcription)."})
     align_temperature: float = field(default=1.0, metadata={"help": "'audio_align': softmax temperature of the KL loss."})
+    rehearsal_data_path: str | None = field(default=None, metadata={"help": "'audio_align': rows the model already answers through its ears (e.g. sound questions), trained with cross-entropy beside the alignment rows so it keeps them (phi3mm.align)."})
 
 
 def quantization_config(model_args: ModelArguments) -> BitsAndBytesConfig:
@@ -673,6 +674,8 @@ def train(model_args: ModelArguments, data_args: DataArguments, training_args: T
             "process cannot assemble the base alone: save it first (python -m phi3mm.build OUT for a tiny one, or a "
             "stage-1 run's OUT/model) and pass --model_name_or_path"
         )
+    if data_args.rehearsal_data_path and model_args.stage != "audio_align":
+        raise ValueError("--rehearsal_data_path belongs to --stage audio_align (the other stages train on every row anyway)")
     set_seed(training_args.seed)  # the LoRA init happens before Trainer seeds anything
     output_dir = Path(training_args.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
@@ -696,7 +699,8 @@ def train(model_args: ModelArguments, data_args: DataArguments, training_args: T
 
         options.update(audio_column=data_args.audio_column, text_column=data_args.text_column, loss=data_args.align_loss)
         make_dataset, collator = AlignmentDataset, AlignmentCollator(processor.tokenizer.pad_token_id)
-    dataset = make_dataset(read_rows(data_args.data_path), processor, **folders, **options)
+    rehearsal = {"rehearsal_rows": read_rows(data_args.rehearsal_data_path)} if data_args.rehearsal_data_path else {}
+    dataset = make_dataset(read_rows(data_args.data_path), processor, **folders, **options, **rehearsal)
     eval_dataset = None
     if data_args.eval_data_path and training_args.eval_strategy != "no":  # eval loss during training
         eval_rows = read_rows(data_args.eval_data_path)[: data_args.max_eval_samples]
@@ -744,6 +748,7 @@ def train(model_args: ModelArguments, data_args: DataArguments, training_args: T
         "samples_per_second": result.metrics.get("train_samples_per_second"),
         "peak_memory_mb": round(peak_memory_mb(), 1),
         "rows": len(dataset.rows),
+        **({"rehearsal_rows": sum(bool(row.get("rehearsal")) for row in dataset.rows)} if data_args.rehearsal_data_path else {}),
         "skipped_rows": dict(skipped),
         "skipped_total": sum(skipped.values()),
         "world_size": training_args.world_size,

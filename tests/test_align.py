@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 
 from conftest import shape_image, tone
 from modeling_phi3_projector import IGNORE_INDEX
-from phi3mm.align import AlignmentCollator, AlignmentDataset, distillation_loss, teacher_messages
+from phi3mm.align import AlignmentCollator, AlignmentDataset, distillation_loss, response_logits, teacher_messages
 from phi3mm.build import build_tiny_model, save_checkpoint
 from train_trainer import main
 
@@ -46,6 +46,10 @@ def data(tmp_path_factory) -> Path:
         asr.append({"audio": f"q{i}.wav", "text": words})
     rows.append({"id": "no transcript", "audio": "q0.wav", "conversations": rows[0]["conversations"]})
     (folder / "spoken.json").write_text(json.dumps(rows))
+    sounds = [{"id": f"sound{i}", "audio": f"q{i}.wav", "conversations": [
+        {"from": "human", "value": "<audio>\nIs the tone high or low?"}, {"from": "gpt", "value": "high." if i % 2 else "low."}]}
+        for i in range(6)]  # fmt: skip
+    (folder / "sounds.json").write_text(json.dumps(sounds))  # rehearsal rows: no transcript needed
     (folder / "asr.jsonl").write_text("\n".join(json.dumps(r) for r in asr))
     return folder
 
@@ -114,6 +118,57 @@ def test_audio_align_stage_learns_and_keeps_the_language_model(base, data, tmp_p
     # the chat app reads this to send spoken questions to the model's own ears
     config = json.loads((out / "model" / "config.json").read_text())
     assert config["speech_aligned"] is True and json.loads((base / "config.json").read_text())["speech_aligned"] is False
+
+
+def test_rehearsal_rows_add_their_cross_entropy_to_the_distillation(base, data):
+    """A batch mixing a spoken-question row and a rehearsal row (a sound question, no transcript): the
+    teacher reads only the first; the loss is the first's KL plus the second's cross-entropy, summed
+    over their response tokens and divided by their number."""
+    from phi3mm.training import ModelArguments, prepare_for_training
+    from processing_multimodal import MultimodalProcessor
+    from transformers import AutoModelForCausalLM, TrainingArguments
+
+    processor = MultimodalProcessor.from_pretrained(base, trust_remote_code=True)
+    rows, sounds = (json.loads((data / name).read_text()) for name in ("spoken.json", "sounds.json"))
+    dataset = AlignmentDataset(rows, processor, data, data, rehearsal_rows=sounds)
+    assert len(dataset) == 16 + 6 and dataset.skipped == {"no transcript": 1}  # rehearsal rows are not skipped
+    spoken, sound = dataset[0], dataset[16]
+    assert "teacher_input_ids" in spoken and not any(key.startswith("teacher_") for key in sound)
+    collate = AlignmentCollator(processor.tokenizer.pad_token_id)
+    mixed = collate([spoken, sound])
+    assert mixed["rehearsal"].tolist() == [False, True] and mixed["teacher_input_ids"].shape[0] == 1
+    assert "rehearsal" not in collate([sound, sound])  # a batch of one kind needs no flags
+
+    model = AutoModelForCausalLM.from_pretrained(base, trust_remote_code=True)
+    model = prepare_for_training(model, ModelArguments(stage="audio_align", tuning="full"), TrainingArguments("unused"))
+    tokens = lambda item: int((item["labels"][1:] != IGNORE_INDEX).sum())  # noqa: E731
+    with torch.no_grad():
+        kl = distillation_loss(model, collate([spoken])) * tokens(spoken)
+        ce = model(**collate([sound])).loss * tokens(sound)
+        assert distillation_loss(model, collate([sound])).item() == pytest.approx(ce.item() / tokens(sound), rel=1e-5)
+        both = distillation_loss(model, mixed)
+    assert kl > 0 and both.item() == pytest.approx((kl + ce).item() / (tokens(spoken) + tokens(sound)), rel=1e-4)
+
+    # The head ran only where a row supervises: the same logits as the full ones at those positions.
+    inputs = {k: v for k, v in mixed.items() if not k.startswith("teacher_") and k not in ("labels", "rehearsal")}
+    labels = mixed["labels"]
+    with torch.no_grad():
+        logits, supervised, targets = response_logits(model, inputs, labels)
+        full = model(**inputs).logits[:, :-1]
+    assert logits.shape[1] < full.shape[1]
+    assert torch.allclose(logits[supervised], full[labels[:, 1:] != IGNORE_INDEX], atol=1e-5)
+    assert torch.equal(targets[supervised], labels[:, 1:][labels[:, 1:] != IGNORE_INDEX])
+
+
+def test_rehearsal_rows_train_beside_the_alignment_rows(base, data, tmp_path):
+    arguments = ["--model_name_or_path", str(base), "--data_path", str(data / "spoken.json"), "--image_folder", str(data),
+                 "--audio_folder", str(data), "--rehearsal_data_path", str(data / "sounds.json"), "--tuning", "full",
+                 "--per_device_train_batch_size", "4", "--max_steps", "3", *QUIET]  # fmt: skip
+    summary = main([*arguments, "--stage", "audio_align", "--output_dir", str(tmp_path / "aligned")])
+    assert summary["rows"] == 16 + 6 and summary["rehearsal_rows"] == 6 and summary["steps"] == 3
+    assert summary["skipped_rows"] == {"no transcript": 1}
+    with pytest.raises(ValueError, match="--rehearsal_data_path belongs to --stage audio_align"):
+        main([*arguments, "--stage", "finetune", "--output_dir", str(tmp_path / "finetune")])
 
 
 def test_asr_rows_get_the_teachers_continuation_and_train(base, data, tmp_path):
