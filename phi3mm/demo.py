@@ -47,11 +47,16 @@ DEMO = {
     "vision": {"image_size": 64, "patch_size": 16, "hidden_size": None, "layers": None},
     "clips_per_type": 400,
     # Spoken questions: each picture question's wording spoken `takes` times in training voices (a
-    # voice, rate, pitch and noise drawn per clip), `eval_takes` times in held-out ones.
-    "spoken": {"takes": 100, "eval_takes": 30, "n_train": 600, "n_eval": 90, "epochs": 3, "lr": 1e-3, "batch_size": 16},
+    # voice, rate, pitch and noise drawn per clip), `eval_takes` times in held-out ones. `rehearsal`
+    # sound questions of the training data join the published model's speech stage (cross-entropy
+    # on their answers): it shares the audio projector with the sounds, and without them beeps fell
+    # from 95.0% to 85.0% held-out (93.3% with 600, measured from the same stage-2 model).
+    "spoken": {"takes": 100, "eval_takes": 30, "n_train": 600, "n_eval": 90, "epochs": 3, "lr": 1e-3, "batch_size": 16,
+               "rehearsal": 600},
 }
 QUICK = {**DEMO, "n_train": 400, "n_eval": 60, "clips_per_type": 40, "stage2": {**DEMO["stage2"], "epochs": 2},
-         "spoken": {"takes": 2, "eval_takes": 1, "n_train": 60, "n_eval": 24, "epochs": 1, "lr": 1e-3, "batch_size": 16}}
+         "spoken": {"takes": 2, "eval_takes": 1, "n_train": 60, "n_eval": 24, "epochs": 1, "lr": 1e-3, "batch_size": 16,
+                    "rehearsal": 24}}
 
 
 def training_args(output_dir: Path, epochs: float, lr: float, batch_size: int, seed: int) -> TrainingArguments:
@@ -151,7 +156,8 @@ def run_demo(out_dir: str | Path = "outputs/demo", quick: bool = False, seed: in
     # audio projector trains): distillation from the text path (KL to the same model reading the
     # transcript) on image + spoken-question rows, whose answers are never a target; the same on bare
     # (speech, transcript) pairs with the teacher's own continuations, Ultravox's way; and supervised
-    # cross-entropy on the answers of the image + spoken-question rows.
+    # cross-entropy on the answers of the image + spoken-question rows. The published model's stage
+    # rehearses the sounds; the two comparisons, about spoken questions only, save the time.
     phase("stage 2 and its evaluation")
     sp = settings["spoken"]
     spoken = make_spoken_questions(data["out_dir"], n_train=sp["n_train"], n_eval=sp["n_eval"], takes=sp["takes"],
@@ -163,25 +169,30 @@ def run_demo(out_dir: str | Path = "outputs/demo", quick: bool = False, seed: in
                                       batch_size=8, dtype="float32") for name in ("asr", "spoken_train")]  # fmt: skip
     torch.set_num_threads(1)
     del base_model
+    sounds = [row for row in read_rows(data["train"]) if "image" not in row][: sp["rehearsal"]]  # clips cached
+    rehearsal = Path(data["out_dir"]) / "sound_rehearsal.json"
+    rehearsal.write_text(json.dumps(sounds))
     phase("base and audio cache")
     aligned = {}
-    variants = (("distillation", spoken["spoken_train"], "kl"), ("distillation_asr_only", spoken["asr"], "kl"),
-                ("supervised", spoken["spoken_train"], "ce"))  # fmt: skip
-    for variant, data_path, loss in variants:
+    variants = (("distillation", spoken["spoken_train"], "kl", str(rehearsal)),
+                ("distillation_asr_only", spoken["asr"], "kl", None), ("supervised", spoken["spoken_train"], "ce", None))  # fmt: skip
+    for variant, data_path, loss, sounds_path in variants:
         aligned[variant] = train(
             ModelArguments(model_name_or_path=str(out_dir / "stage2" / "model"), stage="audio_align", tuning="lora"),
             DataArguments(data_path=data_path, max_length=512, audio_cache_dir=str(cache_dir), align_loss=loss,
-                          audio_column="audio", text_column="text", **folders),  # fmt: skip
+                          audio_column="audio", text_column="text", rehearsal_data_path=sounds_path, **folders),  # fmt: skip
             training_args(out_dir / f"align_{variant}", sp["epochs"], sp["lr"], sp["batch_size"], seed),
         )
 
     phase("speech alignment")
-    # The published model hears spoken questions by distillation alone.
+    # The published model hears spoken questions by distillation alone (and keeps its sounds by rehearsal).
     model_dir = out_dir / "model"
     shutil.rmtree(model_dir, ignore_errors=True)
     shutil.copytree(out_dir / "align_distillation" / "model", model_dir)
     from modeling_phi3_projector import Phi3ProjectorForConditionalGeneration
     from phi3mm.evaluate import evaluate
+
+    torch.set_num_threads(2)  # nothing else runs now, and Whisper's matrices gain from the second core
 
     def score(model_path, rows_path, **options) -> dict:
         model = Phi3ProjectorForConditionalGeneration.from_pretrained(model_path).eval()
@@ -194,6 +205,7 @@ def run_demo(out_dir: str | Path = "outputs/demo", quick: bool = False, seed: in
         "before_speech_alignment": {"held_out": _scores(stage2["eval"]), "held_out_blank_media": _scores(stage2["eval_blank_media"])},
         "spoken": {
             "train_voices": spoken["train_voices"],
+            "rehearsal_rows": len(sounds),
             "held_out_voices": spoken["eval_voices"],
             "typed": score(out_dir / "stage2" / "model", spoken["typed_eval"]),
             **{variant: {"spoken": score(out_dir / f"align_{variant}" / "model", spoken["spoken_eval"]),

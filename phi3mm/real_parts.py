@@ -855,53 +855,6 @@ def whisper_base_path(out_dir: str | os.PathLike | None = None) -> Path:
     return ensure_real_parts(out_dir, ("whisper_base",), log=lambda _: None)["whisper_base"]
 
 
-# ---------------------------------------------------------------------------------------------
-# Speech from Debian's synthesisers (apt-get install flite espeak-ng)
-# ---------------------------------------------------------------------------------------------
-
-SPEECH_ENGINES = ("flite", "espeak-ng")
-
-
-def speak(text: str, engine: str = "espeak-ng", voice: str | None = None, rate: float = 1.0) -> np.ndarray:
-    """`text` spoken by flite or espeak-ng as float32 mono samples at 16 kHz.
-
-    voice: a flite voice (kal, kal16, awb, rms, slt) or an espeak-ng voice (en-us, en-gb, ...);
-    rate: speed relative to the engine's default (1.0; espeak-ng's default is 175 words a minute).
-    """
-    from processing_multimodal import load_audio  # the project's one WAV reader and resampler
-
-    if engine not in SPEECH_ENGINES:
-        raise ValueError(f"engine must be one of {SPEECH_ENGINES}, got {engine!r}")
-    if not 0.25 <= rate <= 4.0:
-        raise ValueError(f"rate must lie in [0.25, 4], got {rate}")
-    if shutil.which(engine) is None:
-        raise FileNotFoundError(f"{engine} is not installed (apt-get install -y {engine})")
-    with tempfile.TemporaryDirectory() as tmp:
-        wav = Path(tmp) / "speech.wav"
-        if engine == "flite":
-            command = [
-                "flite",
-                "-voice",
-                voice or "kal16",
-                "--setf",
-                f"duration_stretch={1 / rate:.4f}",
-                "-t",
-                text,
-                "-o",
-                str(wav),
-            ]
-            stdin = None
-        else:  # text on stdin: a text starting with "-" is not taken for an option
-            command = ["espeak-ng", "-v", voice or "en-us", "-s", str(round(175 * rate)), "-w", str(wav), "--stdin"]
-            stdin = text
-        result = subprocess.run(command, check=False, input=stdin, capture_output=True, text=True, timeout=120)
-        if result.returncode != 0 or not wav.is_file():
-            raise RuntimeError(
-                f"`{' '.join(command)}` failed (exit {result.returncode}): {result.stderr.strip()[-500:]}"
-            )
-        return load_audio(str(wav))
-
-
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[1], formatter_class=argparse.RawDescriptionHelpFormatter
@@ -937,7 +890,6 @@ __all__ = [
     "main",
     "phi35_tokenizer_path",
     "read_ct2_model",
-    "speak",
     "tiktoken_to_bpe",
     "whisper_base_path",
     "whisper_languages",

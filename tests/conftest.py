@@ -1,10 +1,12 @@
-"""Shared fixtures: one tiny random model (with audio) per test session, built offline."""
+"""Shared fixtures: one tiny random model (with audio) per test session, built offline, and one saved."""
+
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from phi3mm.build import build_tiny_model
+from phi3mm.build import build_tiny_model, save_checkpoint
 
 
 @pytest.fixture(scope="session")
@@ -16,6 +18,15 @@ def tiny(tmp_path_factory):
 
     model, processor = build_tiny_model(tmp_path_factory.mktemp("tiny_components"), tokenizer=phi35_tokenizer_path())
     return model.eval(), processor
+
+
+@pytest.fixture(scope="session")
+def base(tmp_path_factory) -> Path:
+    """A saved tiny composite checkpoint (the toy tokenizer): what --model_name_or_path points at after
+    stage 1, and what ZeRO-3 needs (no process may assemble a base alone). Read-only for tests."""
+    work = tmp_path_factory.mktemp("base")
+    model, processor = build_tiny_model(work / "components")
+    return save_checkpoint(model, processor, work / "base")
 
 
 def shape_image(color=(255, 0, 0), left=True, size=64) -> np.ndarray:

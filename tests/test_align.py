@@ -23,13 +23,6 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py: tiny matmuls 
 
 
 @pytest.fixture(scope="module")
-def base(tmp_path_factory) -> Path:
-    work = tmp_path_factory.mktemp("align_base")
-    model, processor = build_tiny_model(work / "components")
-    return save_checkpoint(model, processor, work / "base")
-
-
-@pytest.fixture(scope="module")
 def data(tmp_path_factory) -> Path:
     """Spoken-question rows (an image, an <audio> question, its transcript, an answer) and ASR rows."""
     from PIL import Image

@@ -26,10 +26,10 @@ import pytest
 import soundfile as sf
 import torch
 
-from phi3mm.real_parts import phi35_tokenizer_path
 from phi3mm.build import build_tiny_model, save_checkpoint
 from phi3mm.load_test import free_port, stop_app
-from phi3mm.real_parts import speak, whisper_base_path
+from phi3mm.real_parts import phi35_tokenizer_path, whisper_base_path
+from phi3mm.tts import speak
 from space import app
 
 ROOT = Path(__file__).resolve().parents[1]

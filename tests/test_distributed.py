@@ -20,7 +20,6 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from phi3mm.build import build_tiny_model, save_checkpoint
 from phi3mm.demo_data import make_demo_dataset
 from phi3mm.load_test import free_port
 
@@ -42,14 +41,6 @@ def demo(tmp_path_factory) -> Path:
     rows = json.loads((out / "train.json").read_text())
     (out / "images.json").write_text(json.dumps([row for row in rows if "image" in row]))
     return out
-
-
-@pytest.fixture(scope="module")
-def base(tmp_path_factory) -> Path:
-    """A saved tiny checkpoint. ZeRO-3 needs one (no process may assemble a base alone); FSDP uses it too."""
-    work = tmp_path_factory.mktemp("base")
-    model, processor = build_tiny_model(work / "components")
-    return save_checkpoint(model, processor, work / "base")
 
 
 @pytest.fixture(scope="module")

@@ -27,11 +27,11 @@ from phi3mm.real_parts import (
     fetch_package,
     llama_vocab_from_js,
     read_ct2_model,
-    speak,
     tiktoken_to_bpe,
     whisper_languages,
     whisper_state_dict_from_ct2,
 )
+from phi3mm.tts import speak
 
 
 @pytest.fixture(scope="session")
@@ -199,15 +199,6 @@ def test_whisper_base_transcribes_synthetic_speech(whisper):
         print(f"{engine:9} {voice:11} {error} | {text} -> {hypothesis.strip()}")
     print(f"whisper-base WER on {len(SPEECH)} flite/espeak-ng sentences: {wer:.1%}")
     assert wer <= 0.05, f"WER {wer:.1%}: {hypotheses}"
-
-
-def test_speak_gives_16k_mono_float():
-    for engine in ("flite", "espeak-ng"):
-        wave = speak("one two three", engine)
-        assert wave.dtype == np.float32 and wave.ndim == 1 and 0.5 < len(wave) / 16_000 < 5
-        assert 0.05 < np.abs(wave).max() <= 1.0
-    with pytest.raises(ValueError, match="engine"):
-        speak("hi", "say")
 
 
 def test_corrupt_or_partial_output_is_detected_and_rebuilt(parts, tmp_path):

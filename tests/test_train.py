@@ -18,7 +18,6 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from phi3mm.build import build_tiny_model, save_checkpoint
 from phi3mm.data import LlavaDataset, MultimodalCollator, read_rows
 from phi3mm.demo_data import make_demo_dataset
 from phi3mm.load_test import free_port
@@ -37,14 +36,6 @@ def demo(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("demo_data")
     make_demo_dataset(out, n_train=96, n_eval=8)
     return out
-
-
-@pytest.fixture(scope="module")
-def base(tmp_path_factory) -> Path:
-    """A saved tiny composite checkpoint: what --model_name_or_path points at after stage 1."""
-    work = tmp_path_factory.mktemp("base")
-    model, processor = build_tiny_model(work / "components")
-    return save_checkpoint(model, processor, work / "base")
 
 
 def data_args(folder: Path, data_path: Path | None = None) -> list[str]:
