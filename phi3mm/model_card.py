@@ -124,6 +124,12 @@ def render_model_card(summary: dict, components: dict, data_paths: list[str], re
         "- The vision path sees one fixed-size crop per image (no tiling): small text and fine detail can be missed.",
         "- It inherits the biases and failure modes of its components and training data, and can state wrong things fluently.",
     ]
+    if summary["stage"] == "audio_align":
+        lines.append(
+            "- Speech: this run aligned the audio projector to spoken questions by distillation from the text path "
+            "(`speech_aligned: true` in config.json, so the chat app sends them to the model's own ears); how well "
+            "it hears voices and accents beyond its alignment data is untested here."
+        )
     if not metadata.get("base_model"):
         lines.append("- The components were built locally (not public checkpoints): this is a test or demo model.")
     return "\n".join(lines) + "\n"

@@ -408,6 +408,9 @@ def test_model_card_metadata_is_true_to_the_run():
     card = render_model_card(summary, components, [], {"learning rate": 2e-4}, "me/phi3mm")
     assert 'repo = "me/phi3mm"' in card and "REPO" not in card and "COMMIT" not in card
     assert "images=[" in card and "audio=[" in card and "## Limitations" in card
+    assert "speech_aligned" not in card
+    aligned = render_model_card({**summary, "stage": "audio_align", "tuning": "audio projector"}, components, [], {}, "me/x")
+    assert "`speech_aligned: true` in config.json" in aligned
 
 
 def test_image_token_pooling_flag_changes_a_composite_checkpoint_for_the_run_and_the_saved_model(demo, base, tmp_path):
