@@ -276,8 +276,8 @@ def spoken_rows(out: Path, name: str, n: int, clips: list[dict], rng: Rng, image
     for i in range(n):
         qtype, j = SPOKEN_TYPES[i % len(SPOKEN_TYPES)], i // len(SPOKEN_TYPES)
         classes = family.answers(qtype)
-        scene, _ = scenes.scene_and_question(rng, qtype, classes[j % len(classes)], image_size, n=1, family=family)
-        answer = classes[j % len(classes)]  # the spoken wording asks the one shape the same
+        answer = classes[j % len(classes)]
+        scene, _ = scenes.scene_and_question(rng, qtype, answer, image_size, n=1, family=family)  # spoken: asked the same
         image = f"{name}_images/{name}_{i:05d}.png"
         draw_scene(scene, image_size).save(out / image)
         clip = by_type[qtype][int(rng.integers(len(by_type[qtype])))]

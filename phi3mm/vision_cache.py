@@ -29,15 +29,7 @@ import torch
 from tqdm.auto import tqdm
 
 from phi3mm.data import media_paths, read_rows
-from phi3mm.feature_cache import (
-    FeatureCache,
-    MediaFiles,
-    command_line,
-    load_tower_model,
-    module_fingerprint,  # fmt: skip
-    owner,
-    summarize,
-)
+from phi3mm.feature_cache import FeatureCache, MediaFiles, command_line, load_tower_model, module_fingerprint, owner, summarize
 from phi3mm.feature_cache import format_summary as _format
 
 # Fields that must agree between a cache and the model that uses it; only the config ones are
