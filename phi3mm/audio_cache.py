@@ -28,8 +28,8 @@ from tqdm.auto import tqdm
 
 from configuration_phi3_projector import SAMPLING_RATE
 from phi3mm.data import media_paths, read_rows
-from phi3mm.feature_cache import FeatureCache, MediaFiles, command_line, load_tower_model, module_fingerprint, owner, summarize
-from phi3mm.feature_cache import format_summary as _format
+from phi3mm.feature_cache import FeatureCache, MediaFiles, command_line, load_tower_model, module_fingerprint, owner
+from phi3mm.feature_cache import format_summary as _format, summarize
 
 BUILD_FIELDS = ("d_model", "encoder_layers", "num_mel_bins", "max_source_positions", "audio_real_length",
                 "audio_stack_factor", "fingerprint", "feature_extractor", "dtype")  # fmt: skip

@@ -29,8 +29,8 @@ import torch
 from tqdm.auto import tqdm
 
 from phi3mm.data import media_paths, read_rows
-from phi3mm.feature_cache import FeatureCache, MediaFiles, command_line, load_tower_model, module_fingerprint, owner, summarize
-from phi3mm.feature_cache import format_summary as _format
+from phi3mm.feature_cache import FeatureCache, MediaFiles, command_line, load_tower_model, module_fingerprint, owner
+from phi3mm.feature_cache import format_summary as _format, summarize
 
 # Fields that must agree between a cache and the model that uses it; only the config ones are
 # known without the weights.
