@@ -591,6 +591,14 @@ def gathered_model(trainer: Trainer, base: str, adapter_dir: Path, quantization:
         return model
 
 
+def leave_process_group() -> None:
+    """Shut this process's process group down (a no-op outside a distributed run). A process that
+    exits with it alive can abort at exit (SIGABRT): gloo's worker threads still hold tensors while
+    the interpreter tears down. Local for gloo, so the processes need not wait for each other."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+
+
 @contextlib.contextmanager
 def unsharded_loading(trainer: Trainer):
     """A context in which from_pretrained builds an ordinary model: under ZeRO-3 transformers builds
@@ -771,7 +779,9 @@ def train(model_args: ModelArguments, data_args: DataArguments, training_args: T
             trained_logits = logits_of(trainer.model, samples)
         quantized = model_args.stage in ("finetune", "audio_align") and model_args.tuning == "qlora"
         trained = gathered_model(trainer, base, adapter_dir, quantization_config(model_args) if quantized else None)
-    if not trainer.is_world_process_zero():
+    main_process = trainer.is_world_process_zero()
+    leave_process_group()  # what is left is the main process's alone
+    if not main_process:
         return summary
 
     model_dir = output_dir / "model"

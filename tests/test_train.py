@@ -203,6 +203,18 @@ def test_two_process_ddp_on_cpu_with_the_accelerate_config(demo, tmp_path):
     assert "parallel_mode != ParallelMode.DISTRIBUTED" not in done.stderr + done.stdout
 
 
+def test_a_process_leaves_its_gloo_group_before_it_exits():
+    """Each process of a distributed run shuts its group down at the end of train(): one that exits
+    with gloo's worker threads alive can abort in the interpreter's teardown (a flaky SIGABRT in CI)."""
+    from phi3mm.training import leave_process_group
+
+    torch.distributed.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
+    torch.distributed.all_reduce(torch.ones(2))
+    leave_process_group()
+    assert not torch.distributed.is_initialized()
+    leave_process_group()  # outside a distributed run: nothing to do
+
+
 @pytest.mark.slow
 def test_two_processes_launched_without_use_cpu_are_refused(demo, tmp_path):
     """torchrun on a machine without GPUs and without --use_cpu: accelerate starts no process group,
