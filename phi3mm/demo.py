@@ -46,12 +46,13 @@ DEMO = {
     "pictures": "simple",  # phi3mm.demo_scenes.FAMILIES: "wide" is not learned yet (README)
     "vision": {"image_size": 64, "patch_size": 16, "hidden_size": None, "layers": None},
     "clips_per_type": 400,
-    # Spoken questions: each picture question's wording spoken `takes` times in training voices (a
-    # voice, rate, pitch and noise drawn per clip), `eval_takes` times in held-out ones. `rehearsal`
+    # Spoken questions: each picture question's three wordings spoken `takes` times each in training
+    # voices (a voice, rate, pitch and noise drawn per clip), `eval_takes` times in held-out ones;
+    # the question comes before the picture (phi3mm.demo_data.spoken_rows says why). `rehearsal`
     # sound questions of the training data join the published model's speech stage (cross-entropy
     # on their answers): it shares the audio projector with the sounds, and without them beeps fell
     # from 95.0% to 85.0% held-out (93.3% with 600, measured from the same stage-2 model).
-    "spoken": {"takes": 100, "eval_takes": 30, "n_train": 600, "n_eval": 90, "epochs": 3, "lr": 1e-3, "batch_size": 16,
+    "spoken": {"takes": 34, "eval_takes": 30, "n_train": 600, "n_eval": 90, "epochs": 3, "lr": 1e-3, "batch_size": 16,
                "rehearsal": 600},
 }
 QUICK = {**DEMO, "n_train": 400, "n_eval": 60, "clips_per_type": 40, "stage2": {**DEMO["stage2"], "epochs": 2},

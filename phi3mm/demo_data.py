@@ -133,6 +133,10 @@ def _wording(rng: Rng, qtype: str) -> str:
     return wordings[int(rng.integers(len(wordings)))]
 
 
+# The share of rows that put the placeholder after the question ("What color is it?\n<image>").
+PLACEHOLDER_AFTER = 0.2
+
+
 def _turn(question: str, tag: str, after: bool) -> str:
     return f"{question}\n{tag}" if after else f"{tag}\n{question}"
 
@@ -160,7 +164,7 @@ def _write_split(out: Path, name: str, n: int, rng: Rng, img_dir: str, aud_dir: 
     rows, k, written = [], 0, set()
     for i in range(n):
         rid = f"{name}_{i:05d}"
-        after = bool(rng.random() < 0.2)  # ~20% of rows put the placeholder after the question
+        after = bool(rng.random() < PLACEHOLDER_AFTER)
         if multi_every and i % multi_every == multi_every - 1:
             qtype = "multi"
         else:
@@ -268,8 +272,15 @@ def speak_wordings(out: Path, name: str, voices: list[str], takes: int, seed: in
 
 def spoken_rows(out: Path, name: str, n: int, clips: list[dict], rng: Rng, image_size: int = 64,
                 family: scenes.Family = scenes.FAMILIES["wide"]) -> list[dict]:  # fmt: skip
-    """`n` rows, each a new image with a spoken question about it: `<image>` and `<audio>` in the
-    user turn, the clip's transcript under `transcripts`, answers cycling through every class."""
+    """`n` rows, each a new image with a spoken question about it: `<audio>` and then `<image>` in
+    the user turn, the clip's transcript under `transcripts`, answers cycling through every class.
+
+    The question comes first so that the picture sits just before the answer, at one distance from
+    it whatever the question's length. The tiny demo LM reads left and right off that distance
+    (RoPE's relative positions): measured on a stage-2 model taught three wordings, typed side
+    questions fell from 96.7% to 26.7% when the question's positions were shifted by 3, and a
+    spoken question is as long as its clip (10 tokens a second), not as its words. With the clip
+    after the picture, spoken side questions stayed at 53-67%; with it before, 100% (README)."""
     (out / f"{name}_images").mkdir(parents=True, exist_ok=True)
     by_type = {qtype: [clip for clip in clips if clip["question_type"] == qtype] for qtype in SPOKEN_TYPES}
     rows = []
@@ -283,7 +294,7 @@ def spoken_rows(out: Path, name: str, n: int, clips: list[dict], rng: Rng, image
         clip = by_type[qtype][int(rng.integers(len(by_type[qtype])))]
         rows.append({"id": f"{name}_{i:05d}", "image": image, "audio": clip["audio"], "transcripts": [clip["transcript"]],
                      "voice": clip["voice"], "question_type": qtype, "scene": scene,
-                     "conversations": [{"from": "human", "value": "<image>\n<audio>"},
+                     "conversations": [{"from": "human", "value": "<audio>\n<image>"},
                                        {"from": "gpt", "value": f"{answer}."}]})  # fmt: skip
     return rows
 
@@ -291,7 +302,7 @@ def spoken_rows(out: Path, name: str, n: int, clips: list[dict], rng: Rng, image
 def typed(rows: list[dict]) -> list[dict]:
     """The same rows with each question typed: its transcript in place of the clip."""
     return [{**{k: v for k, v in row.items() if k not in ("audio", "transcripts")},
-             "conversations": [{"from": "human", "value": f"<image>\n{row['transcripts'][0]}"}, *row["conversations"][1:]]}
+             "conversations": [{"from": "human", "value": f"{row['transcripts'][0]}\n<image>"}, *row["conversations"][1:]]}
             for row in rows]  # fmt: skip
 
 

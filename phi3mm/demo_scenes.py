@@ -84,14 +84,13 @@ class Family:
 
 
 # "wide": the family described above. "simple": one shape of 20-30 px inside one half of a white
-# canvas, in 4 colours, asked its colour, shape and side in one wording each: the earlier demo's
+# canvas, in 4 colours, asked its colour, shape and side in three wordings each: the earlier demo's
 # task. Measured on the tiny demo model (README): "wide" stays near chance for every question type
-# (colour 42.1% at best); three wordings a question are learned typed but leave spoken side
-# questions at 53-67%, so "simple" asks each question one way.
+# (colour 50.0% at best).
 FAMILIES = {
     "wide": Family(tuple(COLORS), (1, 2, 3), SIZE_RANGE, 0.6, TYPES),
     "simple": Family(("red", "green", "blue", "yellow"), (1,), (20, 30), 0.0, ("color", "shape", "position"),
-                     sided=True, named=False, wordings=1),
+                     sided=True, named=False),
 }
 
 

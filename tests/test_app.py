@@ -335,6 +335,15 @@ def test_whole_conversation_goes_back_to_the_model(assistant):
         assert at >= 0, (piece, prompt)
 
 
+def test_a_turns_files_reach_the_model_in_the_order_they_were_added(assistant):
+    """A spoken question recorded before the picture is attached goes before it, as the demo's
+    spoken rows put it (the tiny demo model reads a picture's side at a fixed distance from the answer)."""
+    picture, clip = str(SPACE / "examples" / "red_circle.png"), str(SPACE / "examples" / "low_tone.wav")
+    for files, layout in (([clip, picture], "<audio>\n<image>"), ([picture, clip], "<image>\n<audio>")):
+        inputs, _ = assistant.prepare_inputs([], app.Turn(text="", files=files), 8)
+        assert f"<|user|>\n{layout}<|end|>" in prompt_text(assistant, inputs)
+
+
 def test_system_prompt_is_the_system_turn_and_outlives_dropped_turns(assistant, monkeypatch):
     history = []
     for i in range(6):

@@ -163,12 +163,12 @@ def test_spoken_questions_split_voices_and_mirror_typed_rows(tmp_path: Path) -> 
     assert len(spoken) == len(typed_rows) == 9 and {r["question_type"] for r in spoken} == set(SPOKEN_TYPES)
     for row in spoken + load(tmp_path, "spoken_train"):
         assert row["transcripts"][0] in scenes.WORDINGS[row["question_type"]]["alone"]
-        assert row["conversations"][0]["value"] == "<image>\n<audio>" and len(row["scene"]["shapes"]) == 1
+        assert row["conversations"][0]["value"] == "<audio>\n<image>" and len(row["scene"]["shapes"]) == 1
         check_picture(tmp_path / row["image"], row["scene"], independent=False)
         answer = scenes.true_answer(row["scene"], row["transcripts"][0])
         assert row["conversations"][1]["value"] == f"{answer}."
         assert sf.info(str(tmp_path / row["audio"])).duration > 0.5
     for row, typed_row in zip(spoken, typed_rows):
-        assert "audio" not in typed_row and typed_row["conversations"][0]["value"] == f"<image>\n{row['transcripts'][0]}"
+        assert "audio" not in typed_row and typed_row["conversations"][0]["value"] == f"{row['transcripts'][0]}\n<image>"
     asr = load(tmp_path, "asr")
     assert len(asr) == info["train_clips"] == 9 and all(r["voice"] in info["train_voices"] for r in asr)
