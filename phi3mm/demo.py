@@ -51,7 +51,7 @@ DEMO = {
     # the question comes before the picture (phi3mm.demo_data.spoken_rows says why). `rehearsal`
     # sound questions of the training data join the published model's speech stage (cross-entropy
     # on their answers): it shares the audio projector with the sounds, and without them beeps fell
-    # from 95.0% to 85.0% held-out (93.3% with 600, measured from the same stage-2 model).
+    # from 95.0% to 85.0% held-out (93.3% with 600; the earlier one-wording demo, one stage-2 model).
     "spoken": {"takes": 34, "eval_takes": 30, "n_train": 600, "n_eval": 90, "epochs": 3, "lr": 1e-3, "batch_size": 16,
                "rehearsal": 600},
 }
