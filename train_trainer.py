@@ -24,7 +24,7 @@ from pathlib import Path
 
 from transformers import HfArgumentParser, TrainingArguments
 
-from phi3mm.training import DataArguments, ModelArguments, train
+from phi3mm.training import DataArguments, ModelArguments, end_worker_process, train
 
 
 def parse_args(argv: list[str] | None = None) -> tuple[ModelArguments, DataArguments, TrainingArguments]:
@@ -57,3 +57,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 if __name__ == "__main__":
     main()
+    end_worker_process()  # a distributed run's other processes: no teardown around gloo's threads

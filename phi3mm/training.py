@@ -16,6 +16,7 @@ import os
 import re
 import resource
 import shutil
+import sys
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -592,11 +593,29 @@ def gathered_model(trainer: Trainer, base: str, adapter_dir: Path, quantization:
 
 
 def leave_process_group() -> None:
-    """Shut this process's process group down (a no-op outside a distributed run). A process that
-    exits with it alive can abort at exit (SIGABRT): gloo's worker threads still hold tensors while
-    the interpreter tears down. Local for gloo, so the processes need not wait for each other."""
+    """Unregister this process's process group once no collective is left (a no-op outside a
+    distributed run). Local for gloo, so the processes need not wait for each other. It does not stop
+    gloo's threads (see `end_worker_process`)."""
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
+
+
+def end_worker_process() -> None:
+    """End a distributed run's non-main process (RANK > 0) at once when its part is done, without
+    the interpreter's teardown; a no-op on the main process and outside a distributed run.
+
+    Gloo's worker threads live as long as the process: neither destroy_process_group nor the
+    backend's shutdown or abort stops them (torch 2.13). A process that tears its interpreter down
+    around them now and then aborts ("terminate called without an active exception", SIGABRT),
+    and the launcher then fails the run whose work was done. The main process, which saves and
+    reports, exits normally; the others have nothing left to write, so their logs and streams are
+    flushed and the process ends with status 0."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or int(os.environ.get("RANK", "0")) == 0:
+        return
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 @contextlib.contextmanager
