@@ -232,7 +232,8 @@ def test_a_worker_process_ends_without_teardown_and_loses_no_output(rank, tmp_pa
     env.update(PYTHONPATH=str(ROOT), WORLD_SIZE="2", RANK=rank)
     done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-3000:]
-    assert "printed before" in done.stdout and "stderr before" in done.stderr  # pipes: block-buffered
+    # stdout to a pipe is block-buffered: lost without the flush; stderr and the log file write through.
+    assert "printed before" in done.stdout and "stderr before" in done.stderr
     assert "logged before" in (tmp_path / "log.txt").read_text()
     worker = rank != "0"
     assert ("after" in done.stdout) != worker
