@@ -145,15 +145,26 @@ def draw_scene(scene: dict, size: int = 64) -> Image.Image:
     img = Image.new("RGB", (size, size), tuple(scene["background"]))
     draw = ImageDraw.Draw(img)
     for s in scene["shapes"]:
-        x0, y0, d, fill = s["x0"], s["y0"], s["d"], COLORS[s["color"]]
-        x1, y1 = x0 + d - 1, y0 + d - 1
-        if s["shape"] == "circle":
-            draw.ellipse([x0, y0, x1, y1], fill=fill)
-        elif s["shape"] == "square":
-            draw.rectangle([x0, y0, x1, y1], fill=fill)
-        else:
-            draw.polygon([(x0 + (d - 1) / 2, y0), (x0, y1), (x1, y1)], fill=fill)
+        _draw_shape(draw, s, COLORS[s["color"]])
     return img
+
+
+def shape_mask(shape: dict, size: int = 64) -> Image.Image:
+    """The pixels `draw_scene` paints for `shape`: 1 on 0, mode "L"."""
+    mask = Image.new("L", (size, size), 0)
+    _draw_shape(ImageDraw.Draw(mask), shape, 1)
+    return mask
+
+
+def _draw_shape(draw: ImageDraw.ImageDraw, s: dict, fill) -> None:
+    x0, y0, d = s["x0"], s["y0"], s["d"]
+    x1, y1 = x0 + d - 1, y0 + d - 1
+    if s["shape"] == "circle":
+        draw.ellipse([x0, y0, x1, y1], fill=fill)
+    elif s["shape"] == "square":
+        draw.rectangle([x0, y0, x1, y1], fill=fill)
+    else:
+        draw.polygon([(x0 + (d - 1) / 2, y0), (x0, y1), (x1, y1)], fill=fill)
 
 
 def draw_scene_independent(scene: dict, rng: Rng, size: int = 64) -> Image.Image:
