@@ -46,7 +46,9 @@ def draw_pictures(image_processor, size: int, patch: int, n: int, seed: int, fam
     (pixel_values, patch classes, shape counts)."""
     rng = np.random.default_rng(seed)
     scene_list = [scenes.sample_scene(rng, size, continuous=independent, family=family) for _ in range(n)]
-    images = [scenes.draw_scene_independent(s, rng, size) if independent else scenes.draw_scene(s, size) for s in scene_list]
+    images = [
+        scenes.draw_scene_independent(s, rng, size) if independent else scenes.draw_scene(s, size) for s in scene_list
+    ]
     pixels = image_processor(images, return_tensors="pt")["pixel_values"]
     classes = torch.from_numpy(np.stack([patch_classes(s, size, patch, family) for s in scene_list]))
     counts = torch.tensor([len(s["shapes"]) - 1 for s in scene_list])
