@@ -133,10 +133,6 @@ def _wording(rng: Rng, qtype: str) -> str:
     return wordings[int(rng.integers(len(wordings)))]
 
 
-# The share of rows that put the placeholder after the question ("What color is it?\n<image>").
-PLACEHOLDER_AFTER = 0.2
-
-
 def _turn(question: str, tag: str, after: bool) -> str:
     return f"{question}\n{tag}" if after else f"{tag}\n{question}"
 
@@ -164,7 +160,7 @@ def _write_split(out: Path, name: str, n: int, rng: Rng, img_dir: str, aud_dir: 
     rows, k, written = [], 0, set()
     for i in range(n):
         rid = f"{name}_{i:05d}"
-        after = bool(rng.random() < PLACEHOLDER_AFTER)
+        after = bool(rng.random() < family.question_first)
         if multi_every and i % multi_every == multi_every - 1:
             qtype = "multi"
         else:

@@ -71,6 +71,7 @@ class Family:
     sided: bool = False  # every shape wholly inside the left or the right half
     named: bool = True  # questions name their shape ("the circle"), not only "the shape"
     wordings: int = 3  # how many of each question's wordings are used
+    question_first: float = 0.2  # share of rows asking before the picture or sound ("What color is it?\n<image>")
 
     def wording(self, qtype: str, kind: str) -> tuple[str, ...]:
         return WORDINGS[qtype][kind][: self.wordings]

@@ -4,6 +4,7 @@ holds every figure the README's table shows, and the spoken-question voices are 
 import json
 
 import pytest
+import torch
 
 from phi3mm.demo import run_demo
 from phi3mm.demo_data import HELD_OUT_VOICES
@@ -38,3 +39,24 @@ def test_quick_demo_reports_every_figure(report):
     config = json.loads((out / "model" / "config.json").read_text())
     assert config == json.loads((out / "align_distillation" / "model" / "config.json").read_text())
     assert config["component_models"]["audio"].endswith("whisper_base")
+
+
+def test_quick_wide_demo_teaches_the_eyes_first_and_keeps_them_in_stage_2(tmp_path):
+    from safetensors.torch import load_file
+
+    result = run_demo(tmp_path, quick=True, pictures="wide")
+    for renderer in ("generator", "independent"):
+        assert set(result["eyes"][renderer]) == {"patches", "count", "colours", "kinds", "exact"}
+    for name in ("held_out", "held_out_blank_media", "independent"):
+        assert set(result[name]["by_type"]) == {"color", "shape", "position", "count", "exists", "negation", "pitch", "beeps"}
+
+    def tower(folder):
+        weights = load_file(next(folder.glob("*.safetensors")))
+        return {k.split("vision_tower.")[1]: v for k, v in weights.items() if "vision_tower." in k}
+
+    random_tower = {k.removeprefix("vision_model."): v for k, v in load_file(
+        next((tmp_path / "components" / "vision").glob("*.safetensors"))).items() if k.startswith("vision_model.")}  # fmt: skip
+    base, stage2 = tower(tmp_path / "base"), tower(tmp_path / "stage2" / "model")
+    assert base.keys() == stage2.keys() and base.keys() <= random_tower.keys()
+    assert any(not torch.equal(random_tower[k], base[k]) for k in base)  # the eyes stage trained the tower
+    assert all(torch.equal(base[k], stage2[k]) for k in base)  # and stage 2 left it as it was

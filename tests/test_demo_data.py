@@ -1,6 +1,7 @@
 """Checks that every demo answer is actually true of its picture or sound, judged by simple signal analysis."""
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -10,7 +11,7 @@ import soundfile as sf
 from PIL import Image
 
 from phi3mm import demo_scenes as scenes
-from phi3mm.demo_data import QUESTIONS, main, make_demo_dataset, make_independent_eval
+from phi3mm.demo_data import QUESTIONS, _write_split, main, make_demo_dataset, make_independent_eval
 
 
 @pytest.fixture(scope="module")
@@ -108,6 +109,14 @@ def test_every_class_and_layout_appears(data: tuple[Path, dict, dict], split: st
     assert any(v.startswith("<") for v in firsts) and any(v.endswith(">") for v in firsts)
     assert any(v.endswith("<audio>") for v in firsts) and any(v.endswith("<image>") for v in firsts)
     assert (split == "train") == any(r["question_type"] == "multi" for r in rows)
+
+
+@pytest.mark.parametrize("share", [0.0, 0.5, 1.0])
+def test_the_family_sets_the_share_of_questions_asked_before_their_media(tmp_path: Path, share: float) -> None:
+    family = dataclasses.replace(scenes.FAMILIES["wide"], question_first=share)
+    rows = _write_split(tmp_path, "t", 200, np.random.default_rng(0), "img", "aud", 64, False, family=family)
+    first = [r["conversations"][0]["value"].endswith(("<image>", "<audio>")) for r in rows]
+    assert abs(np.mean(first) - share) <= 0.1
 
 
 def test_splits_share_no_files(data: tuple[Path, dict, dict]) -> None:
