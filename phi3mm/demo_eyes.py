@@ -56,7 +56,7 @@ def draw_pictures(image_processor, size: int, patch: int, n: int, seed: int, fam
 
 
 def train_eyes(model, processor, family: scenes.Family, n_pictures: int, epochs: int, lr: float,
-               batch_size: int = 64, seed: int = 0, n_eval: int = 500, columns: bool = False, log=print) -> dict:  # fmt: skip
+               batch_size: int = 64, seed: int = 0, n_eval: int = 500, log=print) -> dict:  # fmt: skip
     """Trains `model`'s vision tower in place on `n_pictures` fresh pictures of `family`; returns
     its figures on held-out pictures of both renderers (see `eyes_figures`)."""
     torch.manual_seed(seed)
@@ -65,10 +65,7 @@ def train_eyes(model, processor, family: scenes.Family, n_pictures: int, epochs:
     vision = inner.config.vision_config
     width = vision.hidden_size
     n_classes = 1 + len(scenes.SHAPES) * len(family.colors)
-    grid = vision.image_size // vision.patch_size
-    heads = torch.nn.ModuleDict({"patch": torch.nn.Linear(width, n_classes), "count": torch.nn.Linear(width, 3),
-                                 "column": torch.nn.Linear(width, grid)})  # fmt: skip
-    column = torch.arange(grid * grid) % grid
+    heads = torch.nn.ModuleDict({"patch": torch.nn.Linear(width, n_classes), "count": torch.nn.Linear(width, 3)})
     start = time.perf_counter()
     draw = lambda n, seed, independent=False: draw_pictures(processor.image_processor, vision.image_size, vision.patch_size,
                                                             n, seed, family, independent)  # fmt: skip
@@ -91,8 +88,6 @@ def train_eyes(model, processor, family: scenes.Family, n_pictures: int, epochs:
             loss = F.cross_entropy(heads["patch"](features).flatten(0, 1), classes[batch].flatten()) + F.cross_entropy(
                 heads["count"](features.mean(1)), counts[batch]
             )
-            if columns:
-                loss = loss + F.cross_entropy(heads["column"](features).flatten(0, 1), column.repeat(len(batch)))
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
