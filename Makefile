@@ -3,6 +3,8 @@
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
+# `make demo DEMO_ARGS="--pictures wide --out_dir outputs/demo_wide"`: the demo's options.
+DEMO_ARGS ?=
 
 .PHONY: setup parts speech browser demo test bench tiny
 
@@ -34,7 +36,7 @@ browser:
 	@[ -x /usr/bin/chromium ] || (apt-get update -q && apt-get install -y -q chromium)
 
 demo: parts speech
-	$(PY) -m phi3mm.demo
+	$(PY) -m phi3mm.demo $(DEMO_ARGS)
 
 test: parts speech browser
 	$(PY) -m pytest -q
