@@ -20,16 +20,16 @@ def label(shape: str, color: str) -> int:
 
 
 def test_each_patch_is_labelled_with_the_shape_covering_most_of_it():
-    # A 20 px red square at (10, 10) covers patch 0 with 36 px... counted by hand below; a blue
-    # circle's box starts at x = 30, so patch 1 (x 16-31) holds the square's 4 columns x 16 rows = 64 px
-    # at its top-left and only a sliver of the circle.
+    # 16 px patches, 4 to a row. The square covers x and y 10-29: 36 px of patch 0, 84 of patches 1
+    # and 4, 196 of patch 5. The circle's box is x and y 40-59 (patches 10, 11, 14 and 15). The
+    # one-pixel triangle in patch 12 is under MIN_PIXELS.
     square = {"shape": "square", "color": "red", "x0": 10, "y0": 10, "d": 20}
     circle = {"shape": "circle", "color": "blue", "x0": 40, "y0": 40, "d": 20}
     sliver = {"shape": "triangle", "color": "gray", "x0": 1, "y0": 62, "d": 1}  # 1 pixel: background
     classes = patch_classes({"background": [255] * 3, "shapes": [square, circle, sliver]}, 64, 16, WIDE)
     expected = np.zeros(16, dtype=int)
-    expected[[0, 1, 4, 5]] = label("square", "red")  # square: x, y in 10..29
-    expected[[10, 11, 14, 15]] = label("circle", "blue")  # circle: x, y in 40..59
+    expected[[0, 1, 4, 5]] = label("square", "red")
+    expected[[10, 11, 14, 15]] = label("circle", "blue")
     np.testing.assert_array_equal(classes, expected)
 
 
