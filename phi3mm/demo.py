@@ -138,7 +138,7 @@ def run_demo(out_dir: str | Path = "outputs/demo", quick: bool = False, seed: in
         vision_layers=vision["layers"],
         vision_attention_heads=vision["heads"],
     )
-    phase("base and audio cache")
+    phase("base and feature caches")
     if settings.get("eyes"):  # the tower taught alone first, standing in for a pretrained CLIP
         from phi3mm.demo_eyes import train_eyes
 
@@ -153,12 +153,21 @@ def run_demo(out_dir: str | Path = "outputs/demo", quick: bool = False, seed: in
     torch.set_num_threads(2)  # Whisper-base's matrices do gain from the second core
     audio = build_audio_cache(base_model, processor, read_rows(data["train"]), cache_dir, data["audio_folder"],
                               batch_size=8, dtype="float32")  # fmt: skip
+    caches = {"audio_cache_dir": str(cache_dir)}
+    if not settings["train_vision_tower"]:  # a frozen tower runs once per picture, not once per picture and epoch
+        from phi3mm.vision_cache import build_cache as build_vision_cache
+
+        caches["vision_cache_dir"] = str(out_dir / "vision_cache")
+        shutil.rmtree(caches["vision_cache_dir"], ignore_errors=True)  # this run's tower, not an earlier run's
+        pictures_cached = [build_vision_cache(base_model, processor, data[split], caches["vision_cache_dir"],
+                                              data["image_folder"], batch_size=64, dtype="float32")
+                           for split in ("train", "eval")]  # fmt: skip
     torch.set_num_threads(1)
     del base_model
-    phase("base and audio cache")
+    phase("base and feature caches")
     stage1 = train(
         ModelArguments(model_name_or_path=str(base), stage="pretrain"),
-        DataArguments(data_path=str(data["train"]), max_length=512, audio_cache_dir=str(cache_dir), **folders),
+        DataArguments(data_path=str(data["train"]), max_length=512, **caches, **folders),
         training_args(out_dir / "stage1", settings["stage1"]["epochs"], settings["stage1"]["lr"], settings["batch_size"], seed),
     )
     phase("stage 1")
@@ -174,8 +183,8 @@ def run_demo(out_dir: str | Path = "outputs/demo", quick: bool = False, seed: in
             bnb_compute_dtype="float32",  # bf16 matmuls are slower than fp32 on most CPUs
             train_vision_tower=settings["train_vision_tower"],
         ),
-        DataArguments(data_path=str(data["train"]), eval_data_path=str(data["eval"]), max_length=512,
-                      audio_cache_dir=str(cache_dir), **folders),  # fmt: skip
+        DataArguments(data_path=str(data["train"]), eval_data_path=str(data["eval"]), max_length=512, **caches,
+                      **folders),  # fmt: skip
         training_args(out_dir / "stage2", s2["epochs"], s2["lr"], settings["batch_size"], seed),
     )
 
@@ -199,7 +208,7 @@ def run_demo(out_dir: str | Path = "outputs/demo", quick: bool = False, seed: in
     sounds = [row for row in read_rows(data["train"]) if "image" not in row][: sp["rehearsal"]]  # clips cached
     rehearsal = Path(data["out_dir"]) / "sound_rehearsal.json"
     rehearsal.write_text(json.dumps(sounds))
-    phase("base and audio cache")
+    phase("base and feature caches")
     aligned = {}
     variants = (("distillation", spoken["spoken_train"], "kl", str(rehearsal)),
                 ("distillation_asr_only", spoken["asr"], "kl", None), ("supervised", spoken["spoken_train"], "ce", None))  # fmt: skip
@@ -246,6 +255,8 @@ def run_demo(out_dir: str | Path = "outputs/demo", quick: bool = False, seed: in
         **evaluations,
         "audio_cache": {k: audio[k] for k in ("total", "computed", "reused", "failed")},
         "spoken_audio_cache": [{k: c[k] for k in ("total", "computed", "reused", "failed")} for c in spoken_cache],
+        **({"vision_cache": [{k: c[k] for k in ("total", "computed", "reused", "failed")} for c in pictures_cached]}
+           if "vision_cache_dir" in caches else {}),  # fmt: skip
         **({"eyes": eyes_figures} if settings.get("eyes") else {}),
         "stage1": {k: stage1[k] for k in ("steps", "train_seconds", "first_logged_loss", "last_logged_loss")},
         "stage2": {k: stage2[k] for k in ("steps", "train_seconds", "first_logged_loss", "last_logged_loss", "merge") if k in stage2},

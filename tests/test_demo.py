@@ -60,3 +60,8 @@ def test_quick_wide_demo_teaches_the_eyes_first_and_keeps_them_in_stage_2(tmp_pa
     assert base.keys() == stage2.keys() and base.keys() <= random_tower.keys()
     assert any(not torch.equal(random_tower[k], base[k]) for k in base)  # the eyes stage trained the tower
     assert all(torch.equal(base[k], stage2[k]) for k in base)  # and stage 2 left it as it was
+    # so stages 1 and 2 read its features from the cache, each training and held-out picture computed once
+    assert [c["computed"] for c in result["vision_cache"]] == [c["total"] for c in result["vision_cache"]]
+    pictures = [len({row["image"] for row in json.loads((tmp_path / "data" / f"{split}.json").read_text()) if "image" in row})
+                for split in ("train", "eval")]  # fmt: skip
+    assert [c["total"] for c in result["vision_cache"]] == pictures and min(pictures) > 0
