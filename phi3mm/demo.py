@@ -3,7 +3,7 @@ align the ears to speech, evaluate.
 
     python -m phi3mm.demo                 # what `make demo` runs: outputs/demo/{model,eval.json}
     python -m phi3mm.demo --quick         # a smaller, faster run (tests)
-    python -m phi3mm.demo --pictures wide # 1-3 shapes of 8 colours, eyes taught first (not learned yet)
+    python -m phi3mm.demo --pictures wide # 1-3 shapes of 8 colours, eyes taught first (side not learned yet)
 
 Everything is offline and on the CPU: a tiny random Phi-3 and CLIP, with the real Phi-3.5
 tokenizer and the pretrained Whisper-base encoder (fetched by `python -m phi3mm.real_parts`), the
@@ -67,9 +67,10 @@ QUICK = {**DEMO, "n_train": 400, "n_eval": 60, "clips_per_type": 40, "stage2": {
 # the shapes apart. Width 128, 4 layers and 8 heads: with 2 heads the tower's labels were timid.
 # 40 epochs over 9,000 pictures: the set of shape kinds right in 93.0% of held-out pictures, against
 # 89.4% after 30 and 81.8% after 20; the same steps spent on 18,000 or 4,500 pictures did worse.
+# 15 stage-2 epochs: after 5, colour was 60.5% and shape 47.4% held-out; after 15, 100% and 94.7%.
 WIDE = {**DEMO, "pictures": "wide", "train_vision_tower": False,
         "vision": {**DEMO["vision"], "hidden_size": 128, "layers": 4, "heads": 8},
-        "eyes": {"pictures": 9000, "epochs": 40, "lr": 2e-3}}  # fmt: skip
+        "eyes": {"pictures": 9000, "epochs": 40, "lr": 2e-3}, "stage2": {**DEMO["stage2"], "epochs": 15}}  # fmt: skip
 QUICK_WIDE = {**QUICK, **{k: WIDE[k] for k in ("pictures", "train_vision_tower", "vision")},
               "eyes": {"pictures": 256, "epochs": 1, "lr": 2e-3}}  # fmt: skip
 PRESETS = {("simple", False): DEMO, ("simple", True): QUICK, ("wide", False): WIDE, ("wide", True): QUICK_WIDE}
@@ -185,8 +186,9 @@ def run_demo(out_dir: str | Path = "outputs/demo", quick: bool = False, seed: in
             bnb_compute_dtype="float32",  # bf16 matmuls are slower than fp32 on most CPUs
             train_vision_tower=settings["train_vision_tower"],
         ),
-        DataArguments(data_path=str(data["train"]), eval_data_path=str(data["eval"]), max_length=512, **caches,
-                      **folders),  # fmt: skip
+        DataArguments(
+            data_path=str(data["train"]), eval_data_path=str(data["eval"]), max_length=512, **caches, **folders
+        ),
         training_args(out_dir / "stage2", s2["epochs"], s2["lr"], settings["batch_size"], seed),
     )
 
