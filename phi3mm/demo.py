@@ -282,7 +282,7 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="smaller data and fewer epochs")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--pictures", default="simple", choices=("simple", "wide"),
-                        help="the demo's pictures: one shape in one half, or 1-3 shapes of 8 colours (not learned yet)")  # fmt: skip
+                        help="the demo's pictures: one shape in one half, or 1-3 shapes of 8 colours (side not learned yet)")  # fmt: skip
     args = parser.parse_args()
     report = run_demo(args.out_dir, quick=args.quick, seed=args.seed, pictures=args.pictures)
     print(f"\naccuracy ({report['wall_seconds']:.0f} s wall):")

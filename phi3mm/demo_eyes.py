@@ -59,6 +59,9 @@ def train_eyes(model, processor, family: scenes.Family, n_pictures: int, epochs:
                batch_size: int = 64, seed: int = 0, n_eval: int = 500, log=print) -> dict:  # fmt: skip
     """Trains `model`'s vision tower in place on `n_pictures` fresh pictures of `family`; returns
     its figures on held-out pictures of both renderers (see `eyes_figures`)."""
+    if n_pictures < batch_size or epochs < 1:
+        raise ValueError(f"the eyes stage needs at least one step: {n_pictures} pictures in batches of {batch_size}, "
+                         f"{epochs} epochs")  # fmt: skip
     torch.manual_seed(seed)
     inner = model.model
     tower = inner.vision_tower
