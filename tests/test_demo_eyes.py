@@ -69,3 +69,10 @@ def test_training_the_eyes_makes_the_tower_label_patches_it_has_not_seen(tmp_pat
         assert figures[renderer]["colours"] > 20, figures
     assert any(not torch.equal(v, model.model.vision_tower.state_dict()[k]) for k, v in tower_before.items())
     assert not model.model.vision_tower.training
+
+
+@pytest.mark.parametrize(("n_pictures", "epochs"), [(63, 1), (64, 0)])
+def test_too_few_pictures_or_no_epoch_is_a_clear_error_before_anything_is_drawn(n_pictures, epochs):
+    # No model is needed to refuse: the check comes first, so nothing is drawn or trained in vain.
+    with pytest.raises(ValueError, match="at least one step"):
+        train_eyes(None, None, WIDE, n_pictures=n_pictures, epochs=epochs, lr=2e-3, batch_size=64)
