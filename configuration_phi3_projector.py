@@ -67,6 +67,9 @@ class Phi3ProjectorConfig(PretrainedConfig):
         image_token_pooling: average-pool the patch grid by this factor per side before the
             projector (1: 576 tokens at 336 px, 2: 144). A grid side it does not divide keeps its
             edge: the last, partial blocks average the patches they hold (SigLIP's 27 x 27 -> 14 x 14).
+        image_token_order: `"rows"` hands the LM the (pooled) patch grid row by row, as LLaVA does;
+            `"columns"` column by column, left half first, so that left and right are the first and
+            the second half of the image tokens rather than every other pair of them.
         audio_stack_factor: Whisper encoder frames (50 per second) stacked into one audio token,
             so audio costs 50 / k tokens per second.
         component_models: the checkpoints the model was assembled from (`{"text", "vision", "audio"}`
@@ -109,6 +112,7 @@ class Phi3ProjectorConfig(PretrainedConfig):
     projector_hidden_act: str = "gelu"
     multimodal_projector_bias: bool = True
     image_token_pooling: int = 1
+    image_token_order: str = "rows"
     audio_stack_factor: int = 5
     audio_real_length: bool = False
     speech_aligned: bool = False
@@ -150,6 +154,10 @@ class Phi3ProjectorConfig(PretrainedConfig):
                 f"image_token_pooling={pooling} is larger than the patch grid side ({self.patches_per_side} = "
                 f"image_size {self.vision_config.image_size} / patch_size {self.vision_config.patch_size})"
             )
+        if self.image_token_order not in ("rows", "columns"):
+            raise ValueError(f"image_token_order must be 'rows' or 'columns', got {self.image_token_order!r}")
+        if self.image_token_order == "columns" and self.vision_cls_tokens and self.vision_feature_select_strategy != "default":
+            raise ValueError("image_token_order='columns' reorders the patch grid, so it needs vision_feature_select_strategy='default'")
         for name in ("audio_real_length", "speech_aligned"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be true or false, got {getattr(self, name)!r}")

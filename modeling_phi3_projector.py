@@ -210,14 +210,17 @@ class Phi3ProjectorModel(Phi3ProjectorPreTrainedModel):
                 f"vision features must have shape (images, {expected}, {self.config.vision_config.hidden_size}), "
                 f"got {tuple(vision_features.shape)}"
             )
-        pooling = self.config.image_token_pooling
-        if pooling > 1:  # average each pooling x pooling block of the patch grid
+        pooling, by_columns = self.config.image_token_pooling, self.config.image_token_order == "columns"
+        if pooling > 1 or by_columns:
             images, patches, width = vision_features.shape
             side = self.config.patches_per_side
-            grid = vision_features.transpose(1, 2).reshape(images, width, side, side)
-            # ceil_mode: a grid side that pooling does not divide keeps its edge, each partial
-            # block averaged over the patches it holds (SigLIP's 27 x 27 -> 14 x 14)
-            grid = nn.functional.avg_pool2d(grid, pooling, ceil_mode=True)
+            grid = vision_features.transpose(1, 2).reshape(images, width, side, side)  # (images, width, rows, columns)
+            if pooling > 1:  # average each pooling x pooling block of the patch grid
+                # ceil_mode: a grid side that pooling does not divide keeps its edge, each partial
+                # block averaged over the patches it holds (SigLIP's 27 x 27 -> 14 x 14)
+                grid = nn.functional.avg_pool2d(grid, pooling, ceil_mode=True)
+            if by_columns:
+                grid = grid.transpose(2, 3)
             vision_features = grid.flatten(2).transpose(1, 2)
         projector_dtype = self.multi_modal_projector.linear_1.weight.dtype
         return self.multi_modal_projector(vision_features.to(projector_dtype))

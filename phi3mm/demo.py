@@ -46,7 +46,7 @@ DEMO = {
     "batch_size": 32,
     "train_vision_tower": True,
     "pictures": "simple",  # phi3mm.demo_scenes.FAMILIES; WIDE below is "wide"
-    "vision": {"image_size": 64, "patch_size": 16, "hidden_size": None, "layers": None, "heads": 2},
+    "vision": {"image_size": 64, "patch_size": 16, "hidden_size": None, "layers": None, "heads": 2, "order": "rows"},
     "eyes": None,  # the simple family's shapes are learned through stage 2 alone
     "clips_per_type": 400,
     # Spoken questions: each picture question's three wordings spoken `takes` times each in training
@@ -145,6 +145,7 @@ def run_demo(out_dir: str | Path = "outputs/demo", quick: bool = False, seed: in
         vision_hidden_size=vision["hidden_size"],
         vision_layers=vision["layers"],
         vision_attention_heads=vision["heads"],
+        image_token_order=vision["order"],
     )
     phase("base and feature caches")
     if settings.get("eyes"):  # the tower taught alone first, standing in for a pretrained CLIP

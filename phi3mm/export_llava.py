@@ -7,7 +7,8 @@ which transformers loads without `trust_remote_code` and vLLM / SGLang serve as 
 The module layout of our model is LLaVA's, so the weights map one to one (see `KEY_MAP`); the
 audio tower, the audio projector and the Whisper feature extractor are dropped (LLaVA has no
 audio), and the script says so. A model with `image_token_pooling > 1` averages the patch grid
-before the projector, which LLaVA cannot express, so it is refused (exit status 1, nothing written).
+before the projector, and one with `image_token_order="columns"` reads the grid column by column;
+LLaVA can express neither, so they are refused (exit status 1, nothing written).
 
     >>> from phi3mm.export_llava import export_llava   # or run the module
     >>> export_llava("outputs/demo/model", "outputs/demo/llava")
@@ -65,6 +66,12 @@ def check_exportable(config) -> None:
             f"(it average-pools the {config.patches_per_side}x{config.patches_per_side} patch grid to "
             f"{config.image_seq_length} image tokens before the projector), and LlavaForConditionalGeneration "
             "has no pooling step. Only models with image_token_pooling=1 can be exported."
+        )
+    if config.image_token_order != "rows":
+        raise ExportError(
+            f"cannot export exactly to LLaVA: this model has image_token_order={config.image_token_order!r} (the "
+            "language model reads the patch grid column by column), and LlavaForConditionalGeneration reads it row "
+            "by row. Only models with image_token_order='rows' can be exported."
         )
     if config.vision_config.model_type not in ("clip_vision_model", "siglip_vision_model"):
         raise ExportError(f"expected a CLIP or SigLIP vision tower, got {config.vision_config.model_type!r}")

@@ -32,6 +32,8 @@ def test_audio_tokens_follow_stack_factor():
         ({"image_token_pooling": 25}, "image_token_pooling"),  # more than the 24 x 24 grid's side
         ({"image_token_pooling": 0}, "image_token_pooling"),
         ({"image_token_pooling": 2, "vision_feature_select_strategy": "full"}, "image_token_pooling"),
+        ({"image_token_order": "diagonal"}, "image_token_order"),
+        ({"image_token_order": "columns", "vision_feature_select_strategy": "full"}, "image_token_order"),
         ({"audio_stack_factor": 0}, "audio_stack_factor"),
         ({"projector_hidden_act": "nope"}, "projector_hidden_act"),
         ({"image_token_id": 10**6}, "image_token_id"),

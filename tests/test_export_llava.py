@@ -118,3 +118,11 @@ def test_pooled_model_is_refused(tmp_path):
     assert result.returncode == 1
     assert "cannot export exactly to LLaVA" in result.stderr and "image_token_pooling=2" in result.stderr
     assert not dst.exists()
+
+
+def test_column_ordered_model_is_refused(tmp_path):
+    model, processor = build_tiny_model(tmp_path / "c", with_audio=False, image_token_order="columns")
+    src = save_checkpoint(model, processor, tmp_path / "ours")
+    with pytest.raises(export_llava.ExportError, match="image_token_order='columns'"):
+        export_llava.export_llava(src, tmp_path / "llava")
+    assert not (tmp_path / "llava").exists()

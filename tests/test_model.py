@@ -217,6 +217,23 @@ def test_image_token_pooling_gives_a_quarter_of_the_tokens(tmp_path):
         model.get_audio_features(torch.zeros(1, 80, 3000), torch.ones(1, 3000))
 
 
+def test_image_token_order_columns_hands_the_grid_over_column_by_column(tmp_path):
+    """The same weights, the grid read the other way: token c * 4 + r of the "columns" model is token
+    r * 4 + c of the "rows" one, so the left half of the picture is the first 8 of the 16 tokens."""
+    from phi3mm.build import build_tiny_model
+
+    model, processor = build_tiny_model(tmp_path, with_audio=False, image_token_order="columns")
+    rows = type(model)(copy.deepcopy(model.config)).eval()
+    rows.config.image_token_order = "rows"
+    rows.load_state_dict(model.state_dict())
+    inputs = encode(processor, USER.format("<image>\nWhat?"), [shape_image()])
+    with torch.no_grad():
+        by_columns = model.get_image_features(inputs["pixel_values"])
+        by_rows = rows.get_image_features(inputs["pixel_values"])
+    assert not torch.allclose(by_columns, by_rows)
+    torch.testing.assert_close(by_columns, by_rows.reshape(1, 4, 4, -1).transpose(1, 2).reshape(1, 16, -1))
+
+
 def test_whisper_encodes_only_the_real_audio_as_an_encoder_built_for_that_length_would(tiny):
     """0.96 s = 96 mel frames = 48 encoder frames: the real-length path must give what Whisper's own
     encoder gives with 48 positions (the same weights, position embeddings cut to 48), not what the
