@@ -70,8 +70,9 @@ QUICK = {**DEMO, "n_train": 400, "n_eval": 60, "clips_per_type": 40, "stage2": {
 # 40 epochs' on 18,000 or 36,000 about the same (94.8%, 94.0%): the eyes are not short of pictures.
 # 15 stage-2 epochs: after 5, colour was 60.5% and shape 47.4% held-out; after 15, 100% and 94.7%
 # (38 questions each; 98.0% and 93.3% of 150).
-# Row by row: read column by column (`image_token_order`), side rose to 62-71% on further held-out
-# rows but existence fell 9 points in the whole demo and colour collapsed in one order of the rows.
+# The LM reads the picture row by row. Column by column (`image_token_order`) side rose to 62-71% on
+# further held-out rows, but existence fell 9 points in the whole demo and colour collapsed in one
+# order of the training rows.
 # 1,200 held-out rows (150 per type, as many in the independent set): with 300 (about 38 per type) one
 # answer moves a type by 2.7 points, and the same stage-2 model scored existence 83.8% on those and
 # 93.7% on 300 others of each type.
