@@ -57,11 +57,19 @@ def _level(rng: Rng) -> float:
     return float(10 ** (rng.uniform(*LEVEL_DB) / 20))
 
 
-def _harmonics(rng: Rng) -> list[tuple[int, float, float]]:
-    """A timbre: (multiple, weight, phase) of the fundamental and, half the time, random 2nd-4th
-    harmonics; the answer is always the fundamental's."""
-    extra = [(k, rng.uniform(0, 0.3), rng.uniform(0, 2 * np.pi)) for k in (2, 3, 4)] if rng.random() < 0.5 else []
-    return [(1, 1.0, 0.0), *extra]
+def _harmonics(rng: Rng, top: int = 4, weight: float = 0.3) -> list[tuple[int, float, float]]:
+    """A timbre: (multiple, weight, phase) of the fundamental and, half the time, random 2nd to
+    `top`th harmonics of up to `weight`; the answer is always the fundamental's."""
+    if rng.random() >= 0.5:
+        return [(1, 1.0, 0.0)]
+    return [(1, 1.0, 0.0), *((k, rng.uniform(0, weight), rng.uniform(0, 2 * np.pi)) for k in range(2, top + 1))]
+
+
+def _envelope(t: np.ndarray, attack: float, release: float) -> np.ndarray:
+    """A linear attack and an exponential release (seconds; 0 for a hard edge)."""
+    rise = np.minimum(1.0, t / attack) if attack else np.ones_like(t)
+    fall = 1.0 - np.exp(-(t[-1] - t) / release * 5) if release else np.ones_like(t)
+    return rise * fall
 
 
 def _wave(harmonics: list[tuple[int, float, float]], phase: np.ndarray) -> np.ndarray:
@@ -90,18 +98,29 @@ def synth_tone(rng: Rng, pitch: str, independent: bool = False) -> np.ndarray:
 def synth_beeps(rng: Rng, n: int, independent: bool = False) -> np.ndarray:
     """`n` beeps of one pitch: sines or random timbres at 400-2000 Hz (training) or, for the
     independent set, a buzzer's odd harmonics at 500-900 Hz with faded edges and a noise floor;
-    timing and level drawn as described above."""
+    timing and level drawn as described above.
+
+    Training beeps have hard edges half the time and otherwise a linear attack of 2-30 ms and an
+    exponential release of 2-60 ms, with up to the 6th harmonic: with hard edges and harmonics up to
+    the 4th alone, the default demo counted the independent set's beeps 66.7% right (hard-edged
+    buzzers 94.4%, faded sines 92.2%, both together 71.1%, answered "triangle." among others); with
+    these, 85.0% (README)."""
     f = rng.uniform(500, 900) if independent else rng.uniform(400, 2000)
     amp = _level(rng)
     parts = [np.zeros(int(rng.uniform(0, BEEP_START_SECONDS) * SR))]
-    timbre = _harmonics(rng)  # one timbre for every beep of a clip
+    if independent:
+        _harmonics(rng)  # drawn and not used: the independent set's clips stay the ones measured before
+    else:  # one timbre and one envelope for every beep of a clip
+        timbre = _harmonics(rng, top=6, weight=0.6)
+        attack, release = (0.0, 0.0) if rng.random() < 0.5 else (rng.uniform(0.002, 0.03), rng.uniform(0.002, 0.06))
     for i in range(n):
         t = np.arange(int(rng.uniform(*BEEP_SECONDS) * SR)) / SR
         if independent:
             wave = sum(np.sin(2 * np.pi * k * f * t) / k for k in (1, 3, 5)) / 1.2
             parts.append(amp * _fade(wave, int(0.01 * SR)))
         else:
-            parts.append(amp * _wave(timbre, 2 * np.pi * f * t))
+            wave = _wave(timbre, 2 * np.pi * f * t) * _envelope(t, attack, release)
+            parts.append(amp * wave / np.abs(wave).max())
         if i < n - 1:
             parts.append(np.zeros(int(rng.uniform(*GAP_SECONDS) * SR)))
     x = np.concatenate(parts)

@@ -39,6 +39,7 @@ def test_quick_demo_reports_every_figure(report):
     config = json.loads((out / "model" / "config.json").read_text())
     assert config == json.loads((out / "align_distillation" / "model" / "config.json").read_text())
     assert config["component_models"]["audio"].endswith("whisper_base")
+    assert config["image_token_order"] == "columns"  # the default's LM reads the picture column by column
 
 
 def test_quick_wide_demo_teaches_the_eyes_first_and_keeps_them_in_stage_2(tmp_path):
@@ -60,6 +61,7 @@ def test_quick_wide_demo_teaches_the_eyes_first_and_keeps_them_in_stage_2(tmp_pa
     assert base.keys() == stage2.keys() and base.keys() <= random_tower.keys()
     assert any(not torch.equal(random_tower[k], base[k]) for k in base)  # the eyes stage trained the tower
     assert all(torch.equal(base[k], stage2[k]) for k in base)  # and stage 2 left it as it was
+    assert json.loads((tmp_path / "model" / "config.json").read_text())["image_token_order"] == "rows"
     # so stages 1 and 2 read its features from the cache, each training and held-out picture computed once
     assert [c["computed"] for c in result["vision_cache"]] == [c["total"] for c in result["vision_cache"]]
     pictures = [len({row["image"] for row in json.loads((tmp_path / "data" / f"{split}.json").read_text()) if "image" in row})

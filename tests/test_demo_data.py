@@ -147,6 +147,30 @@ def test_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert all((tmp_path / f).is_file() for f in ("train.json", "eval.json", "independent.json"))
 
 
+def test_training_beeps_vary_their_edges_and_timbre() -> None:
+    """Training beeps come with hard and with soft edges and with harmonics up to the 6th, so a model
+    counts beeps rather than the clicks of their edges (the independent set's buzzers fade in)."""
+    from phi3mm.demo_data import SR, synth_beeps
+
+    rng = np.random.default_rng(0)
+    rise_ms, sixth = [], 0
+    for _ in range(60):
+        x = synth_beeps(rng, 1)
+        on = np.flatnonzero(np.abs(x) > 0.05 * np.abs(x).max())
+        beep = x[on[0] : on[-1] + 1]
+        head = np.abs(beep[: int(0.04 * SR)])
+        peaks = np.maximum.accumulate(head) / np.abs(beep).max()
+        rise_ms.append(1000 * np.argmax(peaks >= 0.9) / SR)  # from the first sound to 90% of the peak
+        spec = np.abs(np.fft.rfft(beep, 16 * beep.size))
+        freqs = np.fft.rfftfreq(16 * beep.size, 1 / SR)
+        f0 = freqs[spec.argmax()]
+        near6 = spec[(freqs > 5.9 * f0) & (freqs < 6.1 * f0)]
+        sixth += bool(near6.size and near6.max() > 0.1 * spec.max())
+    hard = sum(r < 1.5 for r in rise_ms)
+    assert 15 <= hard <= 45 and max(rise_ms) > 10  # about half hard-edged, the others ramping up
+    assert sixth >= 5  # some timbres carry a strong 6th harmonic
+
+
 def test_shared_clip_pool(tmp_path: Path) -> None:
     """`clips_per_type`: the sound rows of a type reuse that many clips (what the audio cache holds),
     every answer still among them and every clip's answer true of it."""
