@@ -161,6 +161,9 @@ def load_base(model_args: ModelArguments, output_dir: Path):
         base, quantization_config=quantization_config(model_args) if quantize else None, dtype=torch.float32,
         use_safetensors=True,  # never unpickle weights: a pytorch_model.bin can run code as it loads
     )
+    if quantize:
+        # For the whole run: its evaluations and the merge check then see what training computed.
+        use_compute_dtype_on_cpu(model)
     # The code is this repository's own; trust_remote_code only keeps the sub-processor loaders
     # from asking about the auto_map in the folder's config.
     processor = MultimodalProcessor.from_pretrained(base, trust_remote_code=True)
@@ -495,7 +498,10 @@ def use_compute_dtype_on_cpu(model) -> None:
 
     On CPUs with AVX512-BF16, bitsandbytes repacks a 4-bit weight for a bf16 kernel the first time
     the layer runs in eval mode without grad; that kernel's rounding (~1e-2 on a logit) would hide
-    what a merge comparison is meant to show.
+    what a merge comparison is meant to show. Under FSDP it is worse than rounding: the repacking
+    rewrites the gathered weight and marks the layer's quant state as packed, the next forward
+    gathers the standard layout again and reads it as packed (the sharded QLoRA merge check on
+    such a CPU: top-1 agreement 51%, logits 8.9 apart).
     """
     for _, module in quantized_linears(model):
         module.support_avx512bf16_for_cpu = False

@@ -381,6 +381,21 @@ def test_merge_dequantizes_weights_bitsandbytes_repacked_for_cpu_inference(base,
     assert round_trip < nf4_error / 5, (round_trip, nf4_error)
 
 
+def test_a_qlora_run_keeps_its_4bit_layers_off_the_bf16_cpu_kernel(base, tmp_path, monkeypatch):
+    """On a CPU with AVX512-BF16 (the check is patched to say so), bitsandbytes would repack the 4-bit
+    weights at the first eval-mode forward; under FSDP that broke the sharded merge check. The loader
+    switches it off for the whole run."""
+    import bitsandbytes.nn.modules
+
+    from phi3mm.training import ModelArguments, load_base, quantized_linears
+
+    monkeypatch.setattr(bitsandbytes.nn.modules, "has_avx512bf16", lambda: True)
+    args = ModelArguments(model_name_or_path=str(base), stage="finetune", tuning="qlora", bnb_compute_dtype="float32")
+    model, _, _ = load_base(args, tmp_path)
+    linears = quantized_linears(model)
+    assert linears and not any(module.support_avx512bf16_for_cpu for _, module in linears)
+
+
 @pytest.mark.parametrize("stage, tuning", [("finetune", "qlora"), ("finetune", "full"), ("pretrain", "qlora")])
 def test_every_trainable_parameter_gets_a_gradient_when_the_vision_tower_trains(base, demo, stage, tuning):
     """DDP (without find_unused_parameters) fails on a trainable parameter that gets no gradient:
