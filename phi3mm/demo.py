@@ -118,7 +118,9 @@ def training_args(output_dir: Path, epochs: float, lr: float, batch_size: int, s
 def run_demo(out_dir: str | Path = "outputs/demo", quick: bool = False, seed: int = 0, settings: dict | None = None,
              pictures: str = "simple") -> dict:  # fmt: skip
     """The whole demo on `pictures` ("simple" or "wide"); `settings` (DEMO's keys) replaces the
-    preset, for experiments."""
+    preset, for experiments. `settings["stage2"]["first"]`, {"epochs", "types"}, runs stage 2 first
+    on the training rows of those question types alone, then on the whole mix from its model (the
+    side questions taught first on the wide pictures, README: not a preset's)."""
     from phi3mm.audio_cache import build_cache as build_audio_cache, load_audio_model
     from phi3mm.data import read_rows
     from phi3mm.training import DataArguments, ModelArguments, train
@@ -194,9 +196,10 @@ def run_demo(out_dir: str | Path = "outputs/demo", quick: bool = False, seed: in
     )
     phase("stage 1")
     s2 = settings["stage2"]
-    stage2 = train(
-        ModelArguments(
-            model_name_or_path=str(out_dir / "stage1" / "model"),
+
+    def stage2_args(start_from: Path) -> ModelArguments:
+        return ModelArguments(
+            model_name_or_path=str(start_from),
             stage="finetune",
             tuning=s2["tuning"],
             lora_r=s2["lora_r"],
@@ -204,7 +207,27 @@ def run_demo(out_dir: str | Path = "outputs/demo", quick: bool = False, seed: in
             projector_lr=s2["projector_lr"],
             bnb_compute_dtype="float32",  # bf16 matmuls are slower than fp32 on most CPUs
             train_vision_tower=settings["train_vision_tower"],
-        ),
+        )
+
+    start_from = out_dir / "stage1" / "model"
+    if s2.get("first"):  # a first phase on some question types alone, then the whole mix from its model
+        first = s2["first"]
+        rows = [row for row in read_rows(data["train"]) if row.get("question_type") in first["types"]]
+        if not rows:
+            raise ValueError(f"stage 2's first phase: no training rows of the types {first['types']}")
+        first_path = Path(data["out_dir"]) / "train_first.json"
+        first_path.write_text(json.dumps(rows))
+        first_phase = train(
+            stage2_args(start_from),
+            DataArguments(data_path=str(first_path), max_length=512, **caches, **folders),
+            training_args(out_dir / "stage2_first", first["epochs"], s2["lr"], settings["batch_size"], seed),
+        )
+        start_from = out_dir / "stage2_first" / "model"
+        first_phase = {"types": list(first["types"]), "rows": len(rows),
+                       **{k: first_phase[k] for k in ("steps", "train_seconds", "first_logged_loss", "last_logged_loss")}}  # fmt: skip
+        phase("stage 2, first phase")
+    stage2 = train(
+        stage2_args(start_from),
         DataArguments(
             data_path=str(data["train"]), eval_data_path=str(data["eval"]), max_length=512, **caches, **folders
         ),
@@ -282,6 +305,7 @@ def run_demo(out_dir: str | Path = "outputs/demo", quick: bool = False, seed: in
            if "vision_cache_dir" in caches else {}),  # fmt: skip
         **({"eyes": eyes_figures} if settings.get("eyes") else {}),
         "stage1": {k: stage1[k] for k in ("steps", "train_seconds", "first_logged_loss", "last_logged_loss")},
+        **({"stage2_first": first_phase} if s2.get("first") else {}),
         "stage2": {k: stage2[k] for k in ("steps", "train_seconds", "first_logged_loss", "last_logged_loss", "merge") if k in stage2},
         "wall_seconds": round(time.perf_counter() - start, 1),
         "phase_seconds": phases,

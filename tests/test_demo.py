@@ -6,7 +6,7 @@ import json
 import pytest
 import torch
 
-from phi3mm.demo import run_demo
+from phi3mm.demo import QUICK_WIDE, run_demo
 from phi3mm.demo_data import HELD_OUT_VOICES
 
 
@@ -45,7 +45,10 @@ def test_quick_demo_reports_every_figure(report):
 def test_quick_wide_demo_teaches_the_eyes_first_and_keeps_them_in_stage_2(tmp_path):
     from safetensors.torch import load_file
 
-    result = run_demo(tmp_path, quick=True, pictures="wide")
+    # with stage 2's optional first phase (the side questions alone, then the whole mix from its model)
+    first = {"epochs": 1, "types": ["position"]}
+    settings = {**QUICK_WIDE, "stage2": {**QUICK_WIDE["stage2"], "first": first}}
+    result = run_demo(tmp_path, seed=0, settings=settings)
     for renderer in ("generator", "independent"):
         assert set(result["eyes"][renderer]) == {"patches", "count", "colours", "kinds", "exact"}
     for name in ("held_out", "held_out_blank_media", "independent"):
@@ -67,3 +70,12 @@ def test_quick_wide_demo_teaches_the_eyes_first_and_keeps_them_in_stage_2(tmp_pa
     pictures = [len({row["image"] for row in json.loads((tmp_path / "data" / f"{split}.json").read_text()) if "image" in row})
                 for split in ("train", "eval")]  # fmt: skip
     assert [c["total"] for c in result["vision_cache"]] == pictures and min(pictures) > 0
+    train_rows = json.loads((tmp_path / "data" / "train.json").read_text())
+    side_rows = [row for row in train_rows if row.get("question_type") == "position"]
+    assert json.loads((tmp_path / "data" / "train_first.json").read_text()) == side_rows
+    assert result["stage2_first"]["rows"] == len(side_rows) > 0
+    assert result["stage2_first"]["steps"] == -(-len(side_rows) // settings["batch_size"])  # one epoch
+    assert result["stage2"]["steps"] > result["stage2_first"]["steps"]  # then the whole mix
+    # the first phase trained the language model (the whole mix then starts from its model)
+    first_model, stage1_model = (load_file(next((tmp_path / d / "model").glob("*.safetensors"))) for d in ("stage2_first", "stage1"))
+    assert any(not torch.equal(first_model[k], stage1_model[k]) for k in first_model if "language_model" in k)
