@@ -142,6 +142,13 @@ def run_demo(out_dir: str | Path = "outputs/demo", quick: bool = False, seed: in
                              clips_per_type=settings["clips_per_type"], pictures=pictures)  # fmt: skip
     independent = make_independent_eval(out_dir / "data", n=settings["n_eval"], seed=seed + 1, pictures=pictures)
     folders = dict(image_folder=data["image_folder"], audio_folder=data["audio_folder"])
+    first = settings["stage2"].get("first")
+    if first:  # stage 2's first phase: its rows now, so that a type with none fails before any training
+        first_rows = [row for row in read_rows(data["train"]) if row.get("question_type") in first["types"]]
+        if not first_rows:
+            raise ValueError(f"stage 2's first phase: no training rows of the types {first['types']}")
+        first_path = Path(data["out_dir"]) / "train_first.json"
+        first_path.write_text(json.dumps(first_rows))
     phase("data")
 
     # The tiny LM and CLIP with Whisper-base's pretrained encoder as the ears. The encoder stays
@@ -210,21 +217,15 @@ def run_demo(out_dir: str | Path = "outputs/demo", quick: bool = False, seed: in
         )
 
     start_from = out_dir / "stage1" / "model"
-    if s2.get("first"):  # a first phase on some question types alone, then the whole mix from its model
-        first = s2["first"]
-        rows = [row for row in read_rows(data["train"]) if row.get("question_type") in first["types"]]
-        if not rows:
-            raise ValueError(f"stage 2's first phase: no training rows of the types {first['types']}")
-        first_path = Path(data["out_dir"]) / "train_first.json"
-        first_path.write_text(json.dumps(rows))
-        first_phase = train(
+    if first:  # a first phase on some question types alone, then the whole mix from its model
+        first_run = train(
             stage2_args(start_from),
             DataArguments(data_path=str(first_path), max_length=512, **caches, **folders),
             training_args(out_dir / "stage2_first", first["epochs"], s2["lr"], settings["batch_size"], seed),
         )
         start_from = out_dir / "stage2_first" / "model"
-        first_phase = {"types": list(first["types"]), "rows": len(rows),
-                       **{k: first_phase[k] for k in ("steps", "train_seconds", "first_logged_loss", "last_logged_loss")}}  # fmt: skip
+        first_phase = {"types": list(first["types"]), "rows": len(first_rows),
+                       **{k: first_run[k] for k in ("steps", "train_seconds", "first_logged_loss", "last_logged_loss")}}  # fmt: skip
         phase("stage 2, first phase")
     stage2 = train(
         stage2_args(start_from),
@@ -305,7 +306,7 @@ def run_demo(out_dir: str | Path = "outputs/demo", quick: bool = False, seed: in
            if "vision_cache_dir" in caches else {}),  # fmt: skip
         **({"eyes": eyes_figures} if settings.get("eyes") else {}),
         "stage1": {k: stage1[k] for k in ("steps", "train_seconds", "first_logged_loss", "last_logged_loss")},
-        **({"stage2_first": first_phase} if s2.get("first") else {}),
+        **({"stage2_first": first_phase} if first else {}),
         "stage2": {k: stage2[k] for k in ("steps", "train_seconds", "first_logged_loss", "last_logged_loss", "merge") if k in stage2},
         "wall_seconds": round(time.perf_counter() - start, 1),
         "phase_seconds": phases,
