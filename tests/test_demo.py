@@ -2,6 +2,7 @@
 holds every figure the README's table shows, and the spoken-question voices are split."""
 
 import json
+import re
 
 import pytest
 import torch
@@ -45,9 +46,9 @@ def test_quick_demo_reports_every_figure(report):
 def test_quick_wide_demo_teaches_the_eyes_first_and_keeps_them_in_stage_2(tmp_path):
     from safetensors.torch import load_file
 
-    # with stage 2's optional first phase (the side questions alone, then the whole mix from its model)
-    first = {"epochs": 1, "types": ["position"]}
-    settings = {**QUICK_WIDE, "stage2": {**QUICK_WIDE["stage2"], "first": first}}
+    # with its stage 2's first phase (the side, shape and negation questions alone, then the whole
+    # mix from its model, the yes/no rows that name a colour twice)
+    settings = QUICK_WIDE
     result = run_demo(tmp_path, seed=0, settings=settings)
     for renderer in ("generator", "independent"):
         assert set(result["eyes"][renderer]) == {"patches", "count", "colours", "kinds", "exact"}
@@ -64,18 +65,25 @@ def test_quick_wide_demo_teaches_the_eyes_first_and_keeps_them_in_stage_2(tmp_pa
     assert base.keys() == stage2.keys() and base.keys() <= random_tower.keys()
     assert any(not torch.equal(random_tower[k], base[k]) for k in base)  # the eyes stage trained the tower
     assert all(torch.equal(base[k], stage2[k]) for k in base)  # and stage 2 left it as it was
-    assert json.loads((tmp_path / "model" / "config.json").read_text())["image_token_order"] == "rows"
+    assert json.loads((tmp_path / "model" / "config.json").read_text())["image_token_order"] == "columns"
     # so stages 1 and 2 read its features from the cache, each training and held-out picture computed once
     assert [c["computed"] for c in result["vision_cache"]] == [c["total"] for c in result["vision_cache"]]
     pictures = [len({row["image"] for row in json.loads((tmp_path / "data" / f"{split}.json").read_text()) if "image" in row})
                 for split in ("train", "eval")]  # fmt: skip
     assert [c["total"] for c in result["vision_cache"]] == pictures and min(pictures) > 0
     train_rows = json.loads((tmp_path / "data" / "train.json").read_text())
-    side_rows = [row for row in train_rows if row.get("question_type") == "position"]
-    assert json.loads((tmp_path / "data" / "train_first.json").read_text()) == side_rows
-    assert result["stage2_first"]["rows"] == len(side_rows) > 0
-    assert result["stage2_first"]["steps"] == -(-len(side_rows) // settings["batch_size"])  # one epoch
-    assert result["stage2"]["steps"] > result["stage2_first"]["steps"]  # then the whole mix
+    first_rows = [row for row in train_rows if row.get("question_type") in ("position", "shape", "negation")]
+    assert json.loads((tmp_path / "data" / "train_first.json").read_text()) == first_rows
+    assert result["stage2_first"]["rows"] == len(first_rows) > 0
+    assert result["stage2_first"]["steps"] == -(-len(first_rows) // settings["batch_size"])  # one epoch
+    colour = re.compile(r"\b(red|orange|yellow|green|blue|purple|black|gray)\b")
+    again = [row for row in train_rows if row.get("question_type") in ("exists", "negation")
+             and colour.search(row["conversations"][0]["value"])]  # fmt: skip
+    assert 0 < len(again) < sum(row.get("question_type") in ("exists", "negation") for row in train_rows)
+    assert json.loads((tmp_path / "data" / "train_mix.json").read_text()) == train_rows + again
+    assert result["stage2_rows_twice"] == len(again)
+    # then the whole mix, once over it
+    assert result["stage2"]["steps"] == settings["stage2"]["epochs"] * -(-(len(train_rows) + len(again)) // settings["batch_size"])
     # the first phase trained the language model (the whole mix then starts from its model)
     first_model, stage1_model = (load_file(next((tmp_path / d / "model").glob("*.safetensors"))) for d in ("stage2_first", "stage1"))
     assert any(not torch.equal(first_model[k], stage1_model[k]) for k in first_model if "language_model" in k)
