@@ -200,7 +200,7 @@ def run_demo(out_dir: str | Path = "outputs/demo", quick: bool = False, seed: in
     base = save_checkpoint(base_model, processor, out_dir / "base")
     cache_dir = out_dir / "audio_cache"
     torch.set_num_threads(2)  # Whisper-base's matrices do gain from the second core
-    audio = build_audio_cache(base_model, processor, read_rows(data["train"]), cache_dir, data["audio_folder"],
+    audio = build_audio_cache(base_model, processor, train_rows, cache_dir, data["audio_folder"],
                               batch_size=8, dtype="float32")  # fmt: skip
     caches = {"audio_cache_dir": str(cache_dir)}
     if not settings["train_vision_tower"]:  # a frozen tower runs once per picture, not once per picture and epoch
@@ -270,7 +270,7 @@ def run_demo(out_dir: str | Path = "outputs/demo", quick: bool = False, seed: in
                                       batch_size=8, dtype="float32") for name in ("asr", "spoken_train")]  # fmt: skip
     torch.set_num_threads(1)
     del base_model
-    sounds = [row for row in read_rows(data["train"]) if "image" not in row][: sp["rehearsal"]]  # clips cached
+    sounds = [row for row in train_rows if "image" not in row][: sp["rehearsal"]]  # clips cached
     rehearsal = Path(data["out_dir"]) / "sound_rehearsal.json"
     rehearsal.write_text(json.dumps(sounds))
     phase("base and feature caches")
